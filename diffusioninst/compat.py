@@ -1,0 +1,104 @@
+"""Make detectron2 v0.6 (the offline install without compiled ops) work on today's stack.
+
+Imported by ``diffusioninst/__init__.py`` before anything touches detectron2. Every shim applies only
+when the thing it stands in for is missing, so on a full, modern detectron2 this module changes nothing.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+__all__ = ["HAS_COMPILED_OPS", "apply"]
+
+HAS_COMPILED_OPS: bool = True
+
+
+def _patch_pillow() -> None:
+    # Pillow >= 10 removed Image.LINEAR; v0.6's transform.py uses it as a default argument at import time.
+    from PIL import Image
+
+    if not hasattr(Image, "LINEAR"):
+        Image.LINEAR = Image.BILINEAR
+
+
+def _patch_numpy() -> None:
+    # numpy 1.24-1.26 lack np.bool; v0.6's polygons_to_bitmask uses it for empty polygons (numpy 2 has it).
+    import numpy as np
+
+    if "bool" not in np.__dict__:
+        np.bool = bool
+
+
+def _patch_pkg_resources() -> None:
+    # setuptools >= 81 no longer ships pkg_resources; v0.6's model_zoo imports it for resource_filename.
+    if importlib.util.find_spec("pkg_resources") is not None:
+        return
+    module = types.ModuleType("pkg_resources")
+
+    def resource_filename(package: str, resource: str) -> str:
+        import os
+
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise ModuleNotFoundError(f"pkg_resources shim: package {package!r} not found")
+        return os.path.join(os.path.dirname(spec.origin), resource)
+
+    module.resource_filename = resource_filename
+    sys.modules["pkg_resources"] = module
+
+
+class _MissingCompiledOps(types.ModuleType):
+    """Stand-in for ``detectron2._C``: imports succeed, any use names what is unavailable and why."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise RuntimeError(
+            f"detectron2._C.{name} is unavailable: this detectron2 was installed without compiled ops "
+            "(offline install from the pb1-detectron2 sdist). Deformable convs, rotated boxes and the "
+            "C++ COCOeval need a detectron2 built from source; DiffusionInst does not use them."
+        )
+
+
+def _patch_compiled_ops() -> None:
+    # Without detectron2._C, v0.6's detectron2.layers and detectron2.evaluation fail at import time.
+    global HAS_COMPILED_OPS
+    if "detectron2._C" in sys.modules:
+        HAS_COMPILED_OPS = not isinstance(sys.modules["detectron2._C"], _MissingCompiledOps)
+        return
+    try:
+        import detectron2._C  # noqa: F401
+    except ImportError:
+        HAS_COMPILED_OPS = False
+        sys.modules["detectron2._C"] = _MissingCompiledOps("detectron2._C")
+        return
+
+
+def _patch_coco_eval() -> None:
+    # With no compiled COCOeval, COCOEvaluator's fast path uses faster-coco-eval (same numbers, C++ speed).
+    if HAS_COMPILED_OPS:
+        return
+    from detectron2.evaluation import coco_evaluation
+
+    try:
+        from faster_coco_eval import COCOeval_faster
+    except ImportError:
+        from pycocotools.cocoeval import COCOeval as COCOeval_faster
+    coco_evaluation.COCOeval_opt = COCOeval_faster
+
+
+_APPLIED = False
+
+
+def apply() -> None:
+    """Install the shims once; safe to call repeatedly."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    _APPLIED = True
+    _patch_pillow()
+    _patch_numpy()
+    _patch_pkg_resources()
+    _patch_compiled_ops()
+    _patch_coco_eval()
