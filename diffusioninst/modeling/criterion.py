@@ -1,0 +1,167 @@
+"""DiffusionInst losses: focal classification, L1 and GIoU boxes, dice masks; every decoder stage supervised."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from .dynamic_mask_head import dynamic_mask_logits
+from .losses import dice_loss, federated_loss_classes, giou_loss, l1_box_loss, sigmoid_focal_loss
+from .matcher import DynamicKMatcher
+
+__all__ = ["SetCriterion", "downsample_gt_masks"]
+
+
+def downsample_gt_masks(masks: torch.Tensor, out_size: Tuple[int, int], stride: int = 4) -> torch.Tensor:
+    """Sample ground-truth masks (G, H, W) at the centres of F_mask's cells -> float (G, h, w) in {0, 1}.
+
+    Masks are zero-padded to (h*stride, w*stride), then every stride-th pixel starting at stride // 2 is taken.
+    """
+    h, w = out_size
+    masks = masks.to(torch.float32)
+    masks = F.pad(masks, (0, w * stride - masks.shape[-1], 0, h * stride - masks.shape[-2]), value=0.0)
+    start = stride // 2
+    return masks[:, start::stride, start::stride].gt(0.5).float()
+
+
+class SetCriterion(nn.Module):
+    """Matches predictions to ground truth with the dynamic-k matcher at every stage and sums weighted losses.
+
+    Loss keys: ``loss_ce``, ``loss_bbox``, ``loss_giou``, ``loss_masks`` for the last stage and the same with
+    ``_{i}`` for earlier stage i. Each term is normalised by the number of matched proposals.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: DynamicKMatcher,
+        class_weight: float = 2.0,
+        l1_weight: float = 5.0,
+        giou_weight: float = 2.0,
+        mask_weight: float = 5.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        use_focal: bool = True,
+        use_fed_loss: bool = False,
+        fed_loss_class_weights: Optional[torch.Tensor] = None,
+        fed_loss_num_classes: int = 50,
+        mask_deep_supervision: bool = True,
+        mask_head_layout: Tuple[int, int, int] = (8, 8, 3),
+        mask_stride: int = 4,
+    ):
+        super().__init__()
+        if not (use_focal or use_fed_loss):
+            raise ValueError("DiffusionInst needs USE_FOCAL or USE_FED_LOSS (softmax classification is not supported)")
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = {
+            "loss_ce": class_weight, "loss_bbox": l1_weight, "loss_giou": giou_weight, "loss_masks": mask_weight,
+        }
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.use_focal = use_focal
+        self.use_fed_loss = use_fed_loss
+        self.fed_loss_num_classes = fed_loss_num_classes
+        if use_fed_loss:
+            if fed_loss_class_weights is None or len(fed_loss_class_weights) != num_classes:
+                raise ValueError(
+                    "USE_FED_LOSS needs one class frequency weight per class "
+                    f"(got {None if fed_loss_class_weights is None else len(fed_loss_class_weights)}, "
+                    f"NUM_CLASSES={num_classes})"
+                )
+            self.register_buffer("fed_loss_class_weights", fed_loss_class_weights.float(), persistent=False)
+        self.mask_deep_supervision = mask_deep_supervision
+        self.mask_head_layout = mask_head_layout
+        self.mask_stride = mask_stride
+
+    def forward(
+        self,
+        pred_logits: torch.Tensor,
+        pred_boxes: torch.Tensor,
+        pred_filters: torch.Tensor,
+        mask_feats: torch.Tensor,
+        targets: List[Dict[str, torch.Tensor]],
+    ) -> Dict[str, torch.Tensor]:
+        """Weighted losses for stage outputs (S, B, N, ...), F_mask (B, c, h, w) and per-image targets.
+
+        Each target holds ``labels`` (G,), ``boxes_xyxy`` (G, 4) absolute, ``image_size_xyxy`` (4,) and
+        ``masks`` (G, H, W) at the (unpadded) input resolution.
+        """
+        gt_masks = [downsample_gt_masks(t["masks"], mask_feats.shape[-2:], self.mask_stride) for t in targets]
+        num_stages = pred_logits.shape[0]
+        losses: Dict[str, torch.Tensor] = {}
+        for s in range(num_stages):
+            last = s == num_stages - 1
+            suffix = "" if last else f"_{s}"
+            indices = self.matcher(pred_logits[s], pred_boxes[s], targets)
+            stage = self.loss_labels(pred_logits[s], targets, indices)
+            stage.update(self.loss_boxes(pred_boxes[s], targets, indices))
+            if last or self.mask_deep_supervision:
+                stage.update(self.loss_masks(pred_filters[s], mask_feats, gt_masks, indices))
+            losses.update({k + suffix: v * self.weight_dict[k] for k, v in stage.items()})
+        return losses
+
+    @staticmethod
+    def _gather(indices: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flatten per-image matches into (image index, query index, gt index) over the batch."""
+        img, qry, gt = [], [], []
+        for b, (selected, gt_idx) in enumerate(indices):
+            q = selected.nonzero(as_tuple=True)[0]
+            img.append(torch.full_like(q, b))
+            qry.append(q)
+            gt.append(gt_idx.to(q.device).long())
+        return torch.cat(img), torch.cat(qry), torch.cat(gt)
+
+    def loss_labels(self, logits: torch.Tensor, targets, indices) -> Dict[str, torch.Tensor]:
+        """Sigmoid focal (or BCE with the federated loss) over all B x N x K logits."""
+        b, n, k = logits.shape
+        img, qry, gt = self._gather(indices)
+        target_classes = torch.full((b, n), k, dtype=torch.int64, device=logits.device)
+        if len(qry):
+            labels = torch.cat([t["labels"][g] for t, (_, g) in zip(targets, indices)])
+            target_classes[img, qry] = labels.to(logits.device)
+        onehot = F.one_hot(target_classes, k + 1)[..., :k].to(logits.dtype).flatten(0, 1)
+        flat = logits.flatten(0, 1)
+        if self.use_focal:
+            cls_loss = sigmoid_focal_loss(flat, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        else:
+            cls_loss = F.binary_cross_entropy_with_logits(flat, onehot, reduction="none")
+        if self.use_fed_loss:
+            classes = federated_loss_classes(
+                target_classes.flatten(), self.fed_loss_num_classes, k, self.fed_loss_class_weights
+            )
+            keep = torch.zeros(k + 1, device=logits.device, dtype=cls_loss.dtype)
+            keep[classes] = 1
+            cls_loss = cls_loss * keep[:k]
+        num_matched = max(len(qry), 1)
+        return {"loss_ce": cls_loss.sum() / num_matched}
+
+    def loss_boxes(self, boxes: torch.Tensor, targets, indices) -> Dict[str, torch.Tensor]:
+        """L1 on boxes normalised by the image size, and GIoU on absolute boxes, over matched proposals."""
+        img, qry, gt = self._gather(indices)
+        if len(qry) == 0:
+            zero = boxes.sum() * 0
+            return {"loss_bbox": zero, "loss_giou": zero}
+        src = boxes[img, qry]
+        whwh = torch.stack([targets[i]["image_size_xyxy"] for i in range(len(targets))]).to(src)[img]
+        tgt = torch.cat([t["boxes_xyxy"][g] for t, (_, g) in zip(targets, indices)]).to(src)
+        # The original compares against the normalised cx,cy,w,h target mapped back to x1,y1,x2,y2.
+        tgt_norm = box_cxcywh_to_xyxy(box_xyxy_to_cxcywh(tgt / whwh))
+        num = len(qry)
+        return {
+            "loss_bbox": l1_box_loss(src / whwh, tgt_norm).sum() / num,
+            "loss_giou": giou_loss(src, tgt).sum() / num,
+        }
+
+    def loss_masks(self, filters: torch.Tensor, mask_feats: torch.Tensor, gt_masks, indices) -> Dict[str, torch.Tensor]:
+        """Dice loss of phi(F_mask; theta) against ground-truth masks sampled at stride 4."""
+        img, qry, gt = self._gather(indices)
+        if len(qry) == 0:
+            return {"loss_masks": filters.sum() * 0 + mask_feats.sum() * 0}
+        in_ch, ch, layers = self.mask_head_layout
+        logits = dynamic_mask_logits(mask_feats, filters[img, qry], img, in_ch, ch, layers)
+        target = torch.cat([m[g.to(m.device)] for m, (_, g) in zip(gt_masks, indices)]).to(logits)
+        return {"loss_masks": dice_loss(logits.sigmoid(), target).sum() / len(qry)}

@@ -1,0 +1,304 @@
+"""The DiffusionInst meta-architecture: wires backbone, mask branch, decoder, diffusion, criterion, post-processing."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.modeling.poolers import ROIPooler
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import nn
+
+from .box_ops import box_xyxy_to_cxcywh
+from .criterion import SetCriterion
+from .diffusion import corrupt_boxes, diffusion_buffers, pad_boxes
+from .dynamic_mask_head import dynamic_mask_logits, num_mask_head_params
+from .head import DecoderStage, DiffusionInstHead
+from .losses import fed_loss_class_weights
+from .matcher import DynamicKMatcher
+from .postprocess import masks_to_image, nms_and_cap, select_topk
+from .sampler import DDIMSampler
+
+__all__ = ["DiffusionInst"]
+
+
+@META_ARCH_REGISTRY.register()
+class DiffusionInst(nn.Module):
+    """Instance segmentation by denoising boxes and the instance-aware filters decoded from them.
+
+    Training: ground-truth boxes padded with random boxes are noised at a random step t and refined by the
+    decoder, whose filters theta drive the dynamic mask head over F_mask. Inference: boxes start as Gaussian
+    noise and are denoised by DDIM (``SAMPLE_STEP`` steps, box renewal, ensemble).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        head: DiffusionInstHead,
+        criterion: SetCriterion,
+        in_features: Sequence[str],
+        mask_in_features: Sequence[str],
+        num_classes: int,
+        num_proposals: int,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        num_timesteps: int = 1000,
+        snr_scale: float = 2.0,
+        sample_step: int = 1,
+        ddim_eta: float = 1.0,
+        box_renewal: bool = True,
+        renewal_threshold: float = 0.5,
+        use_ensemble: bool = True,
+        ensemble_last_step: bool = True,
+        use_nms: bool = True,
+        nms_thresh: float = 0.5,
+        max_detections: int = 100,
+        mask_head_layout: Tuple[int, int, int] = (8, 8, 3),
+        mask_threshold: float = 0.5,
+    ):
+        super().__init__()
+        if num_proposals < 1:
+            raise ValueError(f"MODEL.DiffusionInst.NUM_PROPOSALS must be >= 1, got {num_proposals}")
+        for name, tensor in diffusion_buffers(num_timesteps).items():
+            self.register_buffer(name, tensor)
+        self.backbone = backbone
+        self.head = head
+        self.criterion = criterion
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
+        self.in_features = list(in_features)
+        self.mask_in_features = list(mask_in_features)
+        self.num_classes = num_classes
+        self.num_proposals = num_proposals
+        self.num_timesteps = num_timesteps
+        self.scale = snr_scale
+        self.sampler = DDIMSampler(
+            self.alphas_cumprod, self.sqrt_recip_alphas_cumprod, self.sqrt_recipm1_alphas_cumprod,
+            num_timesteps=num_timesteps, sample_steps=sample_step, eta=ddim_eta, scale=snr_scale,
+            box_renewal=box_renewal, renewal_threshold=renewal_threshold,
+            use_ensemble=use_ensemble, ensemble_last_step=ensemble_last_step,
+        )
+        self.use_nms = use_nms
+        self.nms_thresh = nms_thresh
+        self.max_detections = max_detections
+        self.mask_head_layout = mask_head_layout
+        self.mask_threshold = mask_threshold
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        d = cfg.MODEL.DiffusionInst
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        in_features = list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
+        for key, names in (("MODEL.ROI_HEADS.IN_FEATURES", in_features), ("MODEL.DiffusionInst.MASK_IN_FEATURES", d.MASK_IN_FEATURES)):
+            missing = [f for f in names if f not in shapes]
+            if missing:
+                raise ValueError(f"{key} names {missing}, which the backbone does not output (it has {sorted(shapes)})")
+        channels = {shapes[f].channels for f in in_features}
+        if channels != {d.HIDDEN_DIM}:
+            raise ValueError(
+                f"MODEL.DiffusionInst.HIDDEN_DIM ({d.HIDDEN_DIM}) must equal the channels of "
+                f"MODEL.ROI_HEADS.IN_FEATURES {in_features}: {sorted(channels)}"
+            )
+        box_pooler = ROIPooler(
+            output_size=cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION,
+            scales=tuple(1.0 / shapes[f].stride for f in in_features),
+            sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
+            pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE,
+        )
+        mask_layout = (d.MASK_DIM, d.MASK_HEAD_CHANNELS, d.MASK_HEAD_LAYERS)
+        stage = DecoderStage(
+            d_model=d.HIDDEN_DIM,
+            num_classes=d.NUM_CLASSES,
+            num_mask_params=num_mask_head_params(*mask_layout),
+            dim_feedforward=d.DIM_FEEDFORWARD,
+            nhead=d.NHEADS,
+            dropout=d.DROPOUT,
+            activation=d.ACTIVATION,
+            num_cls=d.NUM_CLS,
+            num_reg=d.NUM_REG,
+            dim_dynamic=d.DIM_DYNAMIC,
+            num_dynamic=d.NUM_DYNAMIC,
+            pooler_resolution=cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION,
+        )
+        head = DiffusionInstHead(
+            stage,
+            num_stages=d.NUM_HEADS,
+            box_pooler=box_pooler,
+            hidden_dim=d.HIDDEN_DIM,
+            num_mask_levels=len(d.MASK_IN_FEATURES),
+            mask_branch_channels=d.MASK_BRANCH_CHANNELS,
+            mask_branch_num_convs=d.MASK_BRANCH_NUM_CONVS,
+            mask_dim=d.MASK_DIM,
+            deep_supervision=d.DEEP_SUPERVISION,
+            prior_prob=d.PRIOR_PROB,
+        )
+        matcher = DynamicKMatcher(
+            cost_class=d.CLASS_WEIGHT, cost_bbox=d.L1_WEIGHT, cost_giou=d.GIOU_WEIGHT, ota_k=d.OTA_K,
+            use_focal=d.USE_FOCAL, use_fed_loss=d.USE_FED_LOSS, focal_alpha=d.ALPHA, focal_gamma=d.GAMMA,
+            center_radius=d.CENTER_RADIUS,
+        )
+        fed_weights = None
+        if d.USE_FED_LOSS:
+            meta = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
+            if not hasattr(meta, "class_image_count"):
+                raise ValueError(
+                    f"MODEL.DiffusionInst.USE_FED_LOSS needs 'class_image_count' in the metadata of "
+                    f"{cfg.DATASETS.TRAIN[0]!r} (LVIS datasets have it)"
+                )
+            fed_weights = fed_loss_class_weights(meta.class_image_count, d.FED_LOSS_FREQ_WEIGHT_POWER)
+        criterion = SetCriterion(
+            num_classes=d.NUM_CLASSES, matcher=matcher, class_weight=d.CLASS_WEIGHT, l1_weight=d.L1_WEIGHT,
+            giou_weight=d.GIOU_WEIGHT, mask_weight=d.MASK_WEIGHT, focal_alpha=d.ALPHA, focal_gamma=d.GAMMA,
+            use_focal=d.USE_FOCAL, use_fed_loss=d.USE_FED_LOSS, fed_loss_class_weights=fed_weights,
+            fed_loss_num_classes=d.FED_LOSS_NUM_CLASSES, mask_deep_supervision=d.MASK_DEEP_SUPERVISION,
+            mask_head_layout=mask_layout, mask_stride=shapes[d.MASK_IN_FEATURES[0]].stride,
+        )
+        return {
+            "backbone": backbone,
+            "head": head,
+            "criterion": criterion,
+            "in_features": in_features,
+            "mask_in_features": list(d.MASK_IN_FEATURES),
+            "num_classes": d.NUM_CLASSES,
+            "num_proposals": d.NUM_PROPOSALS,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "num_timesteps": d.NUM_TIMESTEPS,
+            "snr_scale": d.SNR_SCALE,
+            "sample_step": d.SAMPLE_STEP,
+            "ddim_eta": d.DDIM_ETA,
+            "box_renewal": d.BOX_RENEWAL,
+            "renewal_threshold": d.RENEWAL_THRESHOLD,
+            "use_ensemble": d.USE_ENSEMBLE,
+            "ensemble_last_step": d.ENSEMBLE_LAST_STEP,
+            "use_nms": d.USE_NMS,
+            "nms_thresh": d.NMS_THRESH,
+            "max_detections": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "mask_head_layout": mask_layout,
+            "mask_threshold": d.MASK_THRESHOLD,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> Tuple[ImageList, torch.Tensor]:
+        """Normalise and pad images; also returns each image's unpadded (w, h, w, h) as (B, 4) float."""
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = ImageList.from_tensors(images, self.backbone.size_divisibility)
+        whwh = torch.tensor([[w, h, w, h] for h, w in images.image_sizes], dtype=torch.float32, device=self.device)
+        return images, whwh
+
+    def extract_features(self, images: ImageList) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """RoI-pooling features (the decoder's levels) and F_mask (B, c, H/4, W/4)."""
+        features = self.backbone(images.tensor)
+        mask_feats = self.head.mask_features([features[f] for f in self.mask_in_features])
+        return [features[f] for f in self.in_features], mask_feats
+
+    def forward(self, batched_inputs: List[Dict]):
+        """Training: dict of losses. Inference: list of {"instances": Instances} at each input's height/width."""
+        if not self.training:
+            return self.inference(batched_inputs)
+        images, whwh = self.preprocess_image(batched_inputs)
+        features, mask_feats = self.extract_features(images)
+        targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], whwh)
+        boxes, t = self.noisy_boxes(targets, whwh)
+        logits, pred_boxes, filters = self.head(features, boxes, t)
+        return self.criterion(logits, pred_boxes, filters, mask_feats, targets)
+
+    def prepare_targets(self, gt_instances: List[Instances], whwh: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
+        """Per-image dicts of labels, absolute boxes, normalised cx,cy,w,h boxes, image size and masks."""
+        targets = []
+        for inst, image_whwh in zip(gt_instances, whwh):
+            labels = inst.gt_classes
+            if len(labels) and int(labels.max()) >= self.num_classes:
+                raise ValueError(
+                    f"ground-truth class id {int(labels.max())} >= MODEL.DiffusionInst.NUM_CLASSES "
+                    f"({self.num_classes}); set NUM_CLASSES to the dataset's number of classes"
+                )
+            h, w = inst.image_size
+            masks = inst.gt_masks.tensor if inst.has("gt_masks") else torch.zeros((0, h, w), device=self.device)
+            boxes_xyxy = inst.gt_boxes.tensor
+            targets.append({
+                "labels": labels,
+                "boxes_xyxy": boxes_xyxy,
+                "boxes": box_xyxy_to_cxcywh(boxes_xyxy / image_whwh),
+                "image_size_xyxy": image_whwh,
+                "masks": masks,
+            })
+        return targets
+
+    def noisy_boxes(self, targets: List[Dict[str, torch.Tensor]], whwh: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Pad each image's gt boxes to N, noise them at one random step per image: boxes (B, N, 4) abs, t (B,)."""
+        x_start = torch.stack([pad_boxes(t["boxes"], self.num_proposals) for t in targets])
+        batch = len(targets)
+        t = torch.randint(0, self.num_timesteps, (batch,), device=self.device, dtype=torch.long)
+        noise = torch.randn((batch, self.num_proposals, 4), device=self.device)
+        boxes = corrupt_boxes(x_start, t, noise, self.scale, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod)
+        return boxes.float() * whwh[:, None, :], t
+
+    @torch.no_grad()
+    def inference(
+        self,
+        batched_inputs: List[Dict],
+        init_boxes: Optional[torch.Tensor] = None,
+        generators: Optional[Sequence[torch.Generator]] = None,
+        do_postprocess: bool = True,
+    ) -> List[Dict[str, Instances]]:
+        """Detect and segment a batch of images.
+
+        ``init_boxes`` (B, N, 4): the initial box signal x_T (default: N(0, I)); ``generators``: one
+        ``torch.Generator`` per image for all sampling noise. With either, results are reproducible and a batch
+        gives the same results as its images one by one.
+        """
+        images, whwh = self.preprocess_image(batched_inputs)
+        features, mask_feats = self.extract_features(images)
+        if init_boxes is None:
+            init_boxes = self.sampler.initial_boxes(len(batched_inputs), self.num_proposals, self.device, generators)
+        init_boxes = init_boxes.to(self.device)
+
+        def decode(boxes: torch.Tensor, t: torch.Tensor):
+            logits, pred_boxes, filters = self.head(features, boxes, t)
+            return logits[-1], pred_boxes[-1], filters[-1]
+
+        steps = self.sampler.sample(decode, whwh, init_boxes, generators)
+        results = []
+        for b, image_size in enumerate(images.image_sizes):
+            candidates = [select_topk(lg[b], bx[b], fl[b], self.num_proposals) for lg, bx, fl in steps]
+            scores, labels, boxes, filters = (torch.cat(x) for x in zip(*candidates))
+            keep = nms_and_cap(boxes, scores, labels, self.nms_thresh, self.use_nms, self.max_detections)
+            inst = Instances(image_size)
+            inst.pred_boxes = Boxes(boxes[keep])
+            inst.scores = scores[keep]
+            inst.pred_classes = labels[keep]
+            inst.pred_filters = filters[keep]
+            results.append(inst)
+        if not do_postprocess:
+            return [{"instances": self._paste_masks(r, mask_feats[i : i + 1], r.image_size, r.image_size)}
+                    for i, r in enumerate(results)]
+        processed = []
+        for i, (r, x) in enumerate(zip(results, batched_inputs)):
+            out_size = (x.get("height", r.image_size[0]), x.get("width", r.image_size[1]))
+            processed.append({"instances": self._paste_masks(r, mask_feats[i : i + 1], r.image_size, out_size)})
+        return processed
+
+    def _paste_masks(self, inst: Instances, mask_feats: torch.Tensor, input_size, output_size) -> Instances:
+        """Rescale boxes to output_size and compute its binary masks with phi; drops empty boxes."""
+        out = Instances(output_size)
+        boxes = inst.pred_boxes.clone()
+        boxes.scale(output_size[1] / input_size[1], output_size[0] / input_size[0])
+        boxes.clip(output_size)
+        filters = inst.pred_filters
+        logits = dynamic_mask_logits(
+            mask_feats, filters, torch.zeros(len(filters), dtype=torch.long, device=filters.device), *self.mask_head_layout
+        )
+        out.pred_boxes = boxes
+        out.scores = inst.scores
+        out.pred_classes = inst.pred_classes
+        out.pred_masks = masks_to_image(logits.sigmoid(), input_size, output_size, boxes.tensor, self.mask_threshold)
+        return out[boxes.nonempty()]
