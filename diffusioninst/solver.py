@@ -2,13 +2,39 @@
 from __future__ import annotations
 
 import itertools
-from typing import Type
+from typing import Dict, List, Tuple, Type
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.solver.build import maybe_add_gradient_clipping
+from torch import nn
 
-__all__ = ["build_optimizer", "add_full_model_gradient_clipping"]
+__all__ = ["build_optimizer", "add_full_model_gradient_clipping", "param_groups"]
+
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+               nn.modules.instancenorm._InstanceNorm)
+
+
+def param_groups(
+    model: nn.Module, base_lr: float, weight_decay: float, weight_decay_norm: float, backbone_multiplier: float
+) -> List[Dict]:
+    """Trainable parameters grouped by (lr, weight decay): backbone lr x multiplier, norm layers' own decay.
+
+    Few groups keep the multi-tensor optimizer kernels effective.
+    """
+    from detectron2.layers import FrozenBatchNorm2d
+
+    groups: Dict[Tuple[float, float], List[nn.Parameter]] = {}
+    seen = set()
+    for module_name, module in model.named_modules():
+        is_norm = isinstance(module, _NORM_TYPES + (FrozenBatchNorm2d,))
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            lr = base_lr * (backbone_multiplier if module_name.split(".")[0] == "backbone" else 1.0)
+            groups.setdefault((lr, weight_decay_norm if is_norm else weight_decay), []).append(p)
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
 
 
 def add_full_model_gradient_clipping(optim_cls: Type[torch.optim.Optimizer], max_norm: float):
@@ -23,23 +49,17 @@ def add_full_model_gradient_clipping(optim_cls: Type[torch.optim.Optimizer], max
     return FullModelGradientClippingOptimizer
 
 
-def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
     """SOLVER.OPTIMIZER over the model's parameters; backbone lr scaled by SOLVER.BACKBONE_MULTIPLIER."""
-    params = get_default_optimizer_params(
-        model,
-        base_lr=cfg.SOLVER.BASE_LR,
-        weight_decay=cfg.SOLVER.WEIGHT_DECAY,
-        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+    params = param_groups(
+        model, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.WEIGHT_DECAY_NORM,
+        cfg.SOLVER.BACKBONE_MULTIPLIER,
     )
-    backbone_params = {id(p) for p in model.backbone.parameters()} if hasattr(model, "backbone") else set()
-    for group in params:
-        if any(id(p) in backbone_params for p in group["params"]):
-            group["lr"] = group["lr"] * cfg.SOLVER.BACKBONE_MULTIPLIER
     name = cfg.SOLVER.OPTIMIZER.upper()
     if name == "ADAMW":
-        optim_cls, kwargs = torch.optim.AdamW, {"lr": cfg.SOLVER.BASE_LR}
+        optim_cls, kwargs = torch.optim.AdamW, {"lr": cfg.SOLVER.BASE_LR, "foreach": True}
     elif name == "SGD":
-        optim_cls, kwargs = torch.optim.SGD, {"lr": cfg.SOLVER.BASE_LR, "momentum": cfg.SOLVER.MOMENTUM}
+        optim_cls, kwargs = torch.optim.SGD, {"lr": cfg.SOLVER.BASE_LR, "momentum": cfg.SOLVER.MOMENTUM, "foreach": True}
     else:
         raise ValueError(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got {cfg.SOLVER.OPTIMIZER!r}")
     clip = cfg.SOLVER.CLIP_GRADIENTS

@@ -50,7 +50,7 @@ class MaskRefine(nn.ModuleList):
             raise ValueError(f"MaskRefine built for {len(self)} levels, got {len(features)} feature maps")
         fused = self[0](features[0])
         th, tw = fused.shape[2:]
-        for block, x in zip(self[1:], features[1:]):
+        for block, x in zip(list(self)[1:], features[1:]):
             x = block(x)
             h, w = x.shape[2:]
             if th % h or tw % w or th // h != tw // w:
