@@ -49,7 +49,22 @@ def _patch_pkg_resources() -> None:
 
 
 class _MissingCompiledOps(types.ModuleType):
-    """Stand-in for ``detectron2._C``: imports succeed, any use names what is unavailable and why."""
+    """Stand-in for ``detectron2._C``: imports succeed, any use names what is unavailable and why.
+
+    The three queries detectron2's collect_env makes get honest answers, so environment reports still work.
+    """
+
+    @staticmethod
+    def get_compiler_version() -> str:
+        return "none (detectron2 installed without compiled ops)"
+
+    @staticmethod
+    def get_cuda_version() -> str:
+        return "none (detectron2 installed without compiled ops)"
+
+    @staticmethod
+    def has_cuda() -> bool:
+        return False
 
     def __getattr__(self, name: str):
         if name.startswith("__"):

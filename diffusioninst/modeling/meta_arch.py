@@ -253,38 +253,60 @@ class DiffusionInst(nn.Module):
         """Detect and segment a batch of images.
 
         ``init_boxes`` (B, N, 4): the initial box signal x_T (default: N(0, I)); ``generators``: one
-        ``torch.Generator`` per image for all sampling noise. With either, results are reproducible and a batch
-        gives the same results as its images one by one.
+        ``torch.Generator`` per image for all sampling noise. With either, results are reproducible.
+        Images are batched with the others of the same padded size, so each result equals the one the image
+        gets alone: padding a small image up to a larger one's size would change its border features.
         """
-        images, whwh = self.preprocess_image(batched_inputs)
-        features, mask_feats = self.extract_features(images)
+        if generators is not None and len(generators) != len(batched_inputs):
+            raise ValueError(f"got {len(generators)} generators for {len(batched_inputs)} images")
         if init_boxes is None:
             init_boxes = self.sampler.initial_boxes(len(batched_inputs), self.num_proposals, self.device, generators)
+        if init_boxes.shape != (len(batched_inputs), self.num_proposals, 4):
+            raise ValueError(
+                f"init_boxes must have shape {(len(batched_inputs), self.num_proposals, 4)}, got {tuple(init_boxes.shape)}"
+            )
         init_boxes = init_boxes.to(self.device)
+        groups: Dict[Tuple[int, int], List[int]] = {}
+        for i, x in enumerate(batched_inputs):
+            groups.setdefault(self._padded_size(x["image"].shape[-2:]), []).append(i)
+        results: List[Optional[Dict[str, Instances]]] = [None] * len(batched_inputs)
+        for idx in groups.values():
+            outputs = self._inference_same_size(
+                [batched_inputs[i] for i in idx],
+                init_boxes[idx],
+                None if generators is None else [generators[i] for i in idx],
+                do_postprocess,
+            )
+            for i, out in zip(idx, outputs):
+                results[i] = out
+        return results
+
+    def _padded_size(self, size: Sequence[int]) -> Tuple[int, int]:
+        d = max(self.backbone.size_divisibility, 1)
+        return (-(-int(size[0]) // d) * d, -(-int(size[1]) // d) * d)
+
+    def _inference_same_size(self, batched_inputs, init_boxes, generators, do_postprocess):
+        """Inference for images that share one padded size: one backbone pass, one batched DDIM loop."""
+        images, whwh = self.preprocess_image(batched_inputs)
+        features, mask_feats = self.extract_features(images)
 
         def decode(boxes: torch.Tensor, t: torch.Tensor):
             logits, pred_boxes, filters = self.head(features, boxes, t)
             return logits[-1], pred_boxes[-1], filters[-1]
 
         steps = self.sampler.sample(decode, whwh, init_boxes, generators)
-        results = []
-        for b, image_size in enumerate(images.image_sizes):
+        processed = []
+        for b, (x, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
             candidates = [select_topk(lg[b], bx[b], fl[b], self.num_proposals) for lg, bx, fl in steps]
-            scores, labels, boxes, filters = (torch.cat(x) for x in zip(*candidates))
+            scores, labels, boxes, filters = (torch.cat(c) for c in zip(*candidates))
             keep = nms_and_cap(boxes, scores, labels, self.nms_thresh, self.use_nms, self.max_detections)
             inst = Instances(image_size)
             inst.pred_boxes = Boxes(boxes[keep])
             inst.scores = scores[keep]
             inst.pred_classes = labels[keep]
             inst.pred_filters = filters[keep]
-            results.append(inst)
-        if not do_postprocess:
-            return [{"instances": self._paste_masks(r, mask_feats[i : i + 1], r.image_size, r.image_size)}
-                    for i, r in enumerate(results)]
-        processed = []
-        for i, (r, x) in enumerate(zip(results, batched_inputs)):
-            out_size = (x.get("height", r.image_size[0]), x.get("width", r.image_size[1]))
-            processed.append({"instances": self._paste_masks(r, mask_feats[i : i + 1], r.image_size, out_size)})
+            out_size = (x.get("height", image_size[0]), x.get("width", image_size[1])) if do_postprocess else image_size
+            processed.append({"instances": self._paste_masks(inst, mask_feats[b : b + 1], image_size, out_size)})
         return processed
 
     def _paste_masks(self, inst: Instances, mask_feats: torch.Tensor, input_size, output_size) -> Instances:

@@ -1,0 +1,169 @@
+"""DiffusionInst end to end: equals the original code path, batched = per-image, trains on shapes, valid outputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, build_detection_train_loader
+from detectron2.modeling import build_model
+from detectron2.structures import Instances
+
+import reference_original as ref
+from conftest import tiny_cfg
+from diffusioninst import DiffusionInstDatasetMapper, build_optimizer
+from diffusioninst.data import register_shapes
+
+
+def _image(h, w, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+
+
+def _inputs():
+    return [
+        {"image": _image(96, 128, 0), "height": 192, "width": 256},
+        {"image": _image(112, 96, 1), "height": 112, "width": 96},
+        {"image": _image(96, 160, 2)},
+        {"image": _image(80, 80, 3), "height": 60, "width": 60},
+    ]
+
+
+def _eval_model(*opts, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(tiny_cfg("TEST.DETECTIONS_PER_IMAGE", 0, *opts)).eval()
+    with torch.no_grad():  # spread the scores so that box renewal keeps some boxes and drops others
+        for stage in model.head.head_series:
+            stage.class_logits.bias.normal_(0.0, 2.0)
+    return model
+
+
+def _assert_same_instances(a: Instances, b: Instances):
+    assert a.image_size == b.image_size
+    assert len(a) == len(b) and len(a) > 0
+    ia, ib = a.scores.argsort(descending=True), b.scores.argsort(descending=True)
+    torch.testing.assert_close(a.scores[ia], b.scores[ib], rtol=1e-5, atol=1e-6)
+    assert torch.equal(a.pred_classes[ia], b.pred_classes[ib])
+    torch.testing.assert_close(a.pred_boxes.tensor[ia], b.pred_boxes.tensor[ib], rtol=1e-5, atol=1e-3)
+    ma, mb = a.pred_masks[ia].bool(), b.pred_masks[ib].bool()
+    assert ma.shape == mb.shape
+    assert (ma != mb).float().mean() < 1e-4, "masks differ"
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_inference_equals_original_code_path(steps):
+    """Same weights and initial boxes: our batched path reproduces the original's (one image, original ensemble)."""
+    model = _eval_model("MODEL.DiffusionInst.SAMPLE_STEP", steps, "MODEL.DiffusionInst.ENSEMBLE_LAST_STEP", False)
+    x = _inputs()[0]
+    init = torch.randn(1, model.num_proposals, 4, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(123)
+    expected = ref.original_inference(model, x, init, sample_steps=steps)
+    ours = model.inference([x], init_boxes=init, generators=[torch.Generator().manual_seed(123)])[0]["instances"]
+    _assert_same_instances(ours, expected)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_batch_equals_per_image(steps):
+    model = _eval_model("MODEL.DiffusionInst.SAMPLE_STEP", steps)
+    inputs = _inputs()
+    init = torch.randn(len(inputs), model.num_proposals, 4, generator=torch.Generator().manual_seed(7))
+    batched = model.inference(inputs, init_boxes=init, generators=[torch.Generator().manual_seed(i) for i in range(4)])
+    for i, x in enumerate(inputs):
+        single = model.inference([x], init_boxes=init[i : i + 1], generators=[torch.Generator().manual_seed(i)])
+        _assert_same_instances(batched[i]["instances"], single[0]["instances"])
+
+
+@pytest.mark.parametrize("steps,num_images", [(1, 1), (1, 4), (4, 1), (4, 4)])
+def test_inference_returns_wellformed_instances(steps, num_images):
+    model = _eval_model("MODEL.DiffusionInst.SAMPLE_STEP", steps, "TEST.DETECTIONS_PER_IMAGE", 15)
+    inputs = _inputs()[:num_images]
+    outputs = model(inputs)
+    assert len(outputs) == num_images
+    for x, out in zip(inputs, outputs):
+        inst = out["instances"]
+        h, w = x.get("height", x["image"].shape[1]), x.get("width", x["image"].shape[2])
+        assert inst.image_size == (h, w)
+        assert 0 < len(inst) <= 15
+        assert inst.pred_masks.shape == (len(inst), h, w) and inst.pred_masks.dtype == torch.bool
+        assert inst.scores.shape == (len(inst),) and (inst.scores[:-1] >= inst.scores[1:]).all()
+        assert ((inst.pred_classes >= 0) & (inst.pred_classes < model.num_classes)).all()
+        boxes = inst.pred_boxes.tensor
+        assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+        assert boxes[:, 0::2].min() >= 0 and boxes[:, 0::2].max() <= w and boxes[:, 1::2].max() <= h
+        # Masks are zero outside their box.
+        for m, b in zip(inst.pred_masks, boxes.long()):
+            inside = torch.zeros_like(m)
+            inside[b[1] : b[3], b[0] : b[2]] = True
+            assert not (m & ~inside).any()
+
+
+def test_ensemble_includes_last_step_by_default():
+    model = _eval_model("MODEL.DiffusionInst.SAMPLE_STEP", 3, "MODEL.DiffusionInst.USE_NMS", False)
+    assert len(model.sampler.time_pairs) == 3
+    seen = []
+    orig = model.sampler.sample
+
+    def spy(*args, **kwargs):
+        out = orig(*args, **kwargs)
+        seen.append(len(out))
+        return out
+
+    model.sampler.sample = spy
+    x = _inputs()[:1]
+    n_all = len(model.inference(x, generators=[torch.Generator().manual_seed(0)])[0]["instances"])
+    model.sampler.ensemble_last_step = False
+    n_orig = len(model.inference(x, generators=[torch.Generator().manual_seed(0)])[0]["instances"])
+    assert seen == [3, 2]
+    assert n_all > n_orig
+
+
+def test_wrong_class_ids_are_named():
+    model = _eval_model("MODEL.DiffusionInst.NUM_CLASSES", 2)
+    model.train()
+    inst = Instances((96, 128))
+    from detectron2.structures import BitMasks, Boxes
+
+    inst.gt_boxes = Boxes(torch.tensor([[10.0, 10.0, 50.0, 50.0]]))
+    inst.gt_classes = torch.tensor([3])
+    inst.gt_masks = BitMasks(torch.zeros(1, 96, 128, dtype=torch.bool))
+    with pytest.raises(ValueError, match="NUM_CLASSES"):
+        model([{"image": _image(96, 128, 0), "instances": inst}])
+
+
+def test_training_on_shapes_decreases_loss(shapes_root, monkeypatch):
+    """Images of different sizes, some without instances: the loss falls over a few dozen iterations."""
+    monkeypatch.setenv("DETECTRON2_DATASETS", shapes_root)
+    for name in ("shapes_train", "shapes_val"):
+        DatasetCatalog.remove(name) if name in DatasetCatalog.list() else None
+    from detectron2.data import MetadataCatalog
+
+    for name in ("shapes_train", "shapes_val"):
+        MetadataCatalog.remove(name) if name in MetadataCatalog.list() else None
+    register_shapes(shapes_root)
+    dicts = DatasetCatalog.get("shapes_train")
+    assert any(len(d["annotations"]) == 0 for d in dicts)
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg("SOLVER.IMS_PER_BATCH", 4, "SOLVER.BASE_LR", 1e-3, "SOLVER.WARMUP_ITERS", 0,
+                   "MODEL.DiffusionInst.NUM_PROPOSALS", 16)
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    loader = iter(build_detection_train_loader(cfg, mapper=DiffusionInstDatasetMapper(cfg, is_train=True)))
+    batches = [next(loader) for _ in range(4)]
+    assert len({tuple(x["image"].shape[1:]) for b in batches for x in b}) > 1
+    history = []
+    model.train()
+    for it in range(40):
+        losses = model(batches[it % len(batches)])
+        assert {"loss_ce", "loss_bbox", "loss_giou", "loss_masks", "loss_masks_0"} <= set(losses)
+        total = sum(losses.values())
+        assert torch.isfinite(total)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        history.append(float(total))
+    first, last = sum(history[:4]) / 4, sum(history[-4:]) / 4
+    assert last < 0.8 * first, f"loss did not decrease: {history[:4]} -> {history[-4:]}"
+
+    model.eval()
+    with torch.no_grad():
+        outputs = model(batches[0])
+    assert all(isinstance(o["instances"], Instances) for o in outputs)
