@@ -103,6 +103,57 @@ def _patch_coco_eval() -> None:
     coco_evaluation.COCOeval_opt = COCOeval_faster
 
 
+def _cpu_distributed_worker(local_rank, main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args,
+                            timeout=None):
+    """v0.6's worker, with GLOO and no device pinning when there is no GPU (as detectron2 main does)."""
+    import datetime
+
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    global_rank = machine_rank * num_gpus_per_machine + local_rank
+    dist.init_process_group(backend="GLOO", init_method=dist_url, world_size=world_size, rank=global_rank,
+                            timeout=timeout or datetime.timedelta(minutes=30))
+    for i in range(world_size // num_gpus_per_machine):
+        group = dist.new_group(list(range(i * num_gpus_per_machine, (i + 1) * num_gpus_per_machine)))
+        if i == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
+    comm.synchronize()
+    main_func(*args)
+
+
+def _patch_cpu_launch() -> None:
+    # v0.6's launch asserts CUDA and uses NCCL; on a machine without GPUs, run the workers over GLOO instead.
+    import importlib
+
+    import torch
+
+    launch_module = importlib.import_module("detectron2.engine.launch")  # the package re-exports a function named launch
+
+    if torch.cuda.is_available() or not hasattr(launch_module, "_distributed_worker"):
+        return
+    source = getattr(launch_module._distributed_worker, "__code__", None)
+    if source is not None and "NCCL" in source.co_consts and "GLOO" not in source.co_consts:
+        launch_module._distributed_worker = _cpu_distributed_worker
+
+
+def _patch_cpu_ddp() -> None:
+    # create_ddp_model passes device_ids=[local_rank], which DistributedDataParallel rejects for a CPU model.
+    from detectron2.engine import defaults
+
+    original = defaults.create_ddp_model
+    if getattr(original, "_cpu_aware", False):
+        return
+
+    def create_ddp_model(model, **kwargs):
+        if next(model.parameters()).device.type == "cpu":
+            kwargs.setdefault("device_ids", None)
+        return original(model, **kwargs)
+
+    create_ddp_model._cpu_aware = True
+    defaults.create_ddp_model = create_ddp_model
+
+
 _APPLIED = False
 
 
@@ -117,3 +168,5 @@ def apply() -> None:
     _patch_pkg_resources()
     _patch_compiled_ops()
     _patch_coco_eval()
+    _patch_cpu_launch()
+    _patch_cpu_ddp()

@@ -65,11 +65,18 @@ def add_diffusioninst_config(cfg: CN) -> None:
     d.RENEWAL_THRESHOLD = 0.5  # score threshold of box renewal
     d.USE_ENSEMBLE = True  # with SAMPLE_STEP > 1, pool the predictions of every step before NMS
     d.ENSEMBLE_LAST_STEP = True  # include the last step in the ensemble (False: the original's behaviour)
+    d.INFERENCE_SEED = 0  # seeds each image's sampling noise from (seed, image_id) so evaluation is repeatable; -1: unseeded
 
     # Swin backbones.
     from .modeling.backbone.swin import add_swin_config
 
     add_swin_config(cfg)
+
+    # Model EMA (original key names): an average of the weights, used for evaluation and saved in checkpoints.
+    cfg.MODEL_EMA = CN()
+    cfg.MODEL_EMA.ENABLED = False  # keep an EMA of the weights and evaluate with it
+    cfg.MODEL_EMA.DECAY = 0.999  # EMA decay per iteration
+    cfg.MODEL_EMA.DEVICE = ""  # device of the EMA copy ("" = the model's)
 
     # Optimizer.
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # ADAMW or SGD

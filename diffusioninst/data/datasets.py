@@ -14,7 +14,7 @@ from detectron2.data.datasets import load_coco_json, register_coco_instances
 
 from .shapes import SHAPES_CATEGORIES, generate_shapes_dataset, shapes_dataset_paths
 
-__all__ = ["SHAPES_SPLITS", "register_datasets_from_cfg", "register_shapes"]
+__all__ = ["SHAPES_SPLITS", "class_image_count", "register_datasets_from_cfg", "register_shapes"]
 
 # Registered dataset name -> split of the shapes dataset.
 SHAPES_SPLITS: dict[str, str] = {"shapes_train": "train", "shapes_val": "val"}
@@ -124,3 +124,24 @@ def register_datasets_from_cfg(cfg) -> list[str]:
         json_file, image_root = declared[name]
         register_coco_instances(name, {}, json_file, image_root)
     return list(declared)
+
+
+def class_image_count(dataset_name: str, num_classes: int) -> list[dict]:
+    """Images containing each class, ``[{"id": contiguous id + 1, "image_count": n}, ...]``, for the federated loss.
+
+    Taken from the metadata's ``class_image_count`` when it has one (detectron2 main's LVIS metadata does);
+    otherwise counted from the dataset's records (detectron2 v0.6 ships no counts).
+    """
+    meta = MetadataCatalog.get(dataset_name)
+    if meta.get("class_image_count") is not None:
+        return list(meta.class_image_count)
+    counts = [0] * num_classes
+    for record in DatasetCatalog.get(dataset_name):
+        for category in {a["category_id"] for a in record.get("annotations", [])}:
+            if not 0 <= category < num_classes:
+                raise ValueError(
+                    f"dataset {dataset_name!r}: {record.get('file_name')} has category id {category}, outside "
+                    f"[0, {num_classes}) (MODEL.DiffusionInst.NUM_CLASSES)"
+                )
+            counts[category] += 1
+    return [{"id": k + 1, "image_count": n} for k, n in enumerate(counts)]

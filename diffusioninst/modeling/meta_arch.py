@@ -1,16 +1,17 @@
 """The DiffusionInst meta-architecture: wires backbone, mask branch, decoder, diffusion, criterion, post-processing."""
 from __future__ import annotations
 
+import zlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
+from ..data.datasets import class_image_count
 from .box_ops import box_xyxy_to_cxcywh
 from .criterion import SetCriterion
 from .diffusion import corrupt_boxes, diffusion_buffers, pad_boxes
@@ -59,6 +60,7 @@ class DiffusionInst(nn.Module):
         max_detections: int = 100,
         mask_head_layout: Tuple[int, int, int] = (8, 8, 3),
         mask_threshold: float = 0.5,
+        inference_seed: int = -1,
     ):
         super().__init__()
         if num_proposals < 1:
@@ -87,6 +89,7 @@ class DiffusionInst(nn.Module):
         self.max_detections = max_detections
         self.mask_head_layout = mask_head_layout
         self.mask_threshold = mask_threshold
+        self.inference_seed = inference_seed
 
     @classmethod
     def from_config(cls, cfg) -> dict:
@@ -144,13 +147,8 @@ class DiffusionInst(nn.Module):
         )
         fed_weights = None
         if d.USE_FED_LOSS:
-            meta = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
-            if not hasattr(meta, "class_image_count"):
-                raise ValueError(
-                    f"MODEL.DiffusionInst.USE_FED_LOSS needs 'class_image_count' in the metadata of "
-                    f"{cfg.DATASETS.TRAIN[0]!r} (LVIS datasets have it)"
-                )
-            fed_weights = fed_loss_class_weights(meta.class_image_count, d.FED_LOSS_FREQ_WEIGHT_POWER)
+            counts = class_image_count(cfg.DATASETS.TRAIN[0], d.NUM_CLASSES)
+            fed_weights = fed_loss_class_weights(counts, d.FED_LOSS_FREQ_WEIGHT_POWER)
         criterion = SetCriterion(
             num_classes=d.NUM_CLASSES, matcher=matcher, class_weight=d.CLASS_WEIGHT, l1_weight=d.L1_WEIGHT,
             giou_weight=d.GIOU_WEIGHT, mask_weight=d.MASK_WEIGHT, focal_alpha=d.ALPHA, focal_gamma=d.GAMMA,
@@ -181,6 +179,7 @@ class DiffusionInst(nn.Module):
             "max_detections": cfg.TEST.DETECTIONS_PER_IMAGE,
             "mask_head_layout": mask_layout,
             "mask_threshold": d.MASK_THRESHOLD,
+            "inference_seed": d.INFERENCE_SEED,
         }
 
     @property
@@ -253,12 +252,15 @@ class DiffusionInst(nn.Module):
         """Detect and segment a batch of images.
 
         ``init_boxes`` (B, N, 4): the initial box signal x_T (default: N(0, I)); ``generators``: one
-        ``torch.Generator`` per image for all sampling noise. With either, results are reproducible.
+        ``torch.Generator`` per image for all sampling noise. With either, results are reproducible; without
+        them, ``inference_seed`` >= 0 seeds each image's generator from its ``image_id`` (else ``file_name``).
         Images are batched with the others of the same padded size, so each result equals the one the image
         gets alone: padding a small image up to a larger one's size would change its border features.
         """
         if generators is not None and len(generators) != len(batched_inputs):
             raise ValueError(f"got {len(generators)} generators for {len(batched_inputs)} images")
+        if generators is None and self.inference_seed >= 0:
+            generators = [self._image_generator(x) for x in batched_inputs]
         if init_boxes is None:
             init_boxes = self.sampler.initial_boxes(len(batched_inputs), self.num_proposals, self.device, generators)
         if init_boxes.shape != (len(batched_inputs), self.num_proposals, 4):
@@ -280,6 +282,13 @@ class DiffusionInst(nn.Module):
             for i, out in zip(idx, outputs):
                 results[i] = out
         return results
+
+    def _image_generator(self, x: Dict) -> torch.Generator:
+        """A generator seeded from INFERENCE_SEED and the image's identity, independent of batch composition."""
+        key = x.get("image_id")
+        if not isinstance(key, int):
+            key = zlib.crc32(str(x.get("file_name", key)).encode())
+        return torch.Generator(device=self.device).manual_seed(self.inference_seed * 1_000_003 + key)
 
     def _padded_size(self, size: Sequence[int]) -> Tuple[int, int]:
         d = max(self.backbone.size_divisibility, 1)

@@ -1,0 +1,120 @@
+"""tools/train_net.py end to end on a small shapes dataset: train + evaluate, --eval-only, kill and --resume, 2 processes."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import CONFIGS, ROOT, TINY_OPTS
+from detectron2.engine import default_argument_parser
+
+CONFIG = str(CONFIGS / "diffinst.shapes.res18.cpu.yaml")
+TRAIN_NET = str(ROOT / "tools" / "train_net.py")
+_spec = importlib.util.spec_from_file_location("train_net", TRAIN_NET)
+train_net = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_net)
+
+
+def command(output_dir, *opts, flags=()) -> list:
+    """train_net.py on the tiny shapes model, writing to output_dir."""
+    base = [str(o) for o in TINY_OPTS] + [
+        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "2", "SOLVER.BASE_LR", "0.0002", "TEST.EVAL_PERIOD", "0",
+        "OUTPUT_DIR", str(output_dir),
+    ]
+    return [sys.executable, TRAIN_NET, "--config-file", CONFIG, *flags, *base, *[str(o) for o in opts]]
+
+
+def run(cmd, shapes_root, timeout=300) -> str:
+    env = dict(os.environ, DETECTRON2_DATASETS=shapes_root, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def predictions(output_dir) -> list:
+    with open(os.path.join(output_dir, "inference", "shapes_val", "coco_instances_results.json")) as f:
+        return json.load(f)
+
+
+def test_train_evaluate_then_eval_only_reproduces(tmp_path, shapes_root):
+    train_dir, eval_dir = tmp_path / "train", tmp_path / "eval"
+    log = run(command(train_dir, "SOLVER.MAX_ITER", 6, "SOLVER.CHECKPOINT_PERIOD", 3, "MODEL_EMA.ENABLED", True), shapes_root)
+    assert "Evaluation results for segm" in log and "Evaluation results for bbox" in log
+    ckpt = torch.load(train_dir / "model_final.pth", map_location="cpu", weights_only=False)
+    assert {"model", "trainer", "iteration", "model_ema"} <= set(ckpt)
+    assert ckpt["iteration"] == 5
+    assert ckpt["trainer"]["_trainer"]["optimizer"]["state"], "optimizer state must be checkpointed"
+    assert ckpt["trainer"]["hooks"]["LRScheduler"]["last_epoch"] == 6
+    # The EMA differs from the raw weights after 6 updates, so evaluating it is a real choice.
+    assert any(not torch.equal(ckpt["model"][k], v) for k, v in ckpt["model_ema"].items() if v.is_floating_point())
+
+    log = run(command(eval_dir, "MODEL.WEIGHTS", train_dir / "model_final.pth", "MODEL_EMA.ENABLED", True,
+                      flags=["--eval-only"]), shapes_root)
+    assert "Evaluation results for segm" in log
+    trained, evaluated = predictions(train_dir), predictions(eval_dir)
+    assert trained, "the tiny model should predict something on the val images"
+    assert evaluated == trained
+
+
+def test_kill_then_resume_restores_state_and_finishes(tmp_path, shapes_root, monkeypatch):
+    out = tmp_path / "run"
+    opts = ["SOLVER.MAX_ITER", 400, "SOLVER.CHECKPOINT_PERIOD", 4, "MODEL_EMA.ENABLED", True]
+    env = dict(os.environ, DETECTRON2_DATASETS=shapes_root, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(command(out, *opts), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (out / "model_0000007.pth").exists():
+            assert proc.poll() is None and time.time() < deadline, "training died or stalled before its 2nd checkpoint"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (out / "model_final.pth").exists()
+    last = (out / "last_checkpoint").read_text().strip()
+    saved = torch.load(out / last, map_location="cpu", weights_only=False)
+
+    # In process: --resume restores model, optimizer, scheduler, EMA and iteration from the last checkpoint.
+    monkeypatch.setenv("DETECTRON2_DATASETS", shapes_root)
+    cfg = train_net.setup(default_argument_parser().parse_args(command(out, *opts)[2:]))
+    trainer = train_net.Trainer(cfg)
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == saved["iteration"] + 1
+    for name, value in saved["model"].items():
+        assert torch.equal(trainer.model.state_dict()[name], value), name
+    restored, saved_optimizer = trainer.optimizer.state_dict(), saved["trainer"]["_trainer"]["optimizer"]
+    assert restored["state"].keys() == saved_optimizer["state"].keys() and restored["state"]
+    for key, state in saved_optimizer["state"].items():
+        for field, value in state.items():
+            assert torch.equal(torch.as_tensor(restored["state"][key][field]), torch.as_tensor(value)), (key, field)
+    assert trainer.scheduler.state_dict()["last_epoch"] == saved["trainer"]["hooks"]["LRScheduler"]["last_epoch"]
+    for name, value in saved["model_ema"].items():
+        assert torch.equal(trainer.model_ema.state[name], value), name
+
+    # And the command line run continues from there and finishes the (shortened) schedule.
+    log = run(command(out, *opts, "SOLVER.MAX_ITER", saved["iteration"] + 3, flags=["--resume"]), shapes_root)
+    assert f"Loading trainer from {out / last}" in log or f"from {out / last}" in log
+    assert f"Starting training from iteration {saved['iteration'] + 1}" in log
+    assert (out / "model_final.pth").exists()
+
+
+def test_two_process_cpu_training_and_evaluation(tmp_path, shapes_root):
+    out = tmp_path / "ddp"
+    log = run(command(out, "SOLVER.MAX_ITER", 3, "SOLVER.CHECKPOINT_PERIOD", 100, flags=["--num-gpus", "2"]),
+              shapes_root)
+    assert "world size: 2" in log.lower() or "Rank of current process: 1" in log
+    assert "Evaluation results for segm" in log
+    assert (out / "model_final.pth").exists()
+    assert len({p["image_id"] for p in predictions(out)}) == 4  # both ranks' images were gathered
+
+
+def test_amp_on_cpu_is_refused_with_the_key_named(tmp_path, shapes_root):
+    env = dict(os.environ, DETECTRON2_DATASETS=shapes_root)
+    proc = subprocess.run(command(tmp_path, "SOLVER.AMP.ENABLED", True), env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "SOLVER.AMP.ENABLED" in proc.stderr
