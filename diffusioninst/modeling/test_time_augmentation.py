@@ -77,7 +77,7 @@ class DiffusionInstWithTTA(nn.Module):
             for flipped in (False, True) if self.flip else (False,):
                 view = resized[:, ::-1] if flipped else resized
                 inp = copy.copy(x)
-                inp.update(image=torch.as_tensor(np.ascontiguousarray(view).transpose(2, 0, 1)), height=height, width=width)
+                inp.update(image=torch.as_tensor(np.ascontiguousarray(view.transpose(2, 0, 1))), height=height, width=width)
                 views.append((inp, flipped, size_range))
         return views
 
