@@ -129,9 +129,11 @@ def _as_tensor(value: Any, name: str, source: str) -> torch.Tensor:
 
 
 def _format_error(source: str, state_dict: Mapping[str, Any], kinds: Tuple[str, ...], reason: str) -> str:
+    """Error text naming the file, the keys each format in ``kinds`` needs, and the first keys found."""
     expected = "; ".join(f"{kind}: {', '.join(_EXPECTED_KEYS[kind])}" for kind in kinds)
     sample = ", ".join(list(state_dict)[:6]) or "(no tensors)"
-    return f"{source}: {reason}. Expected keys like [{expected}]; found [{sample}{', ...' if len(state_dict) > 6 else ''}]."
+    more = ", ..." if len(state_dict) > 6 else ""
+    return f"{source}: {reason}. Expected keys like [{expected}]; found [{sample}{more}]."
 
 
 def detect_format(state_dict: Mapping[str, Any], source: str = "checkpoint") -> str:
