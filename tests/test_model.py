@@ -159,7 +159,7 @@ def test_training_on_shapes_decreases_loss(shapes_root, monkeypatch):
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
-        history.append(float(total))
+        history.append(float(total.detach()))
     first, last = sum(history[:4]) / 4, sum(history[-4:]) / 4
     assert last < 0.8 * first, f"loss did not decrease: {history[:4]} -> {history[-4:]}"
 

@@ -19,6 +19,7 @@ from .dynamic_mask_head import dynamic_mask_logits, num_mask_head_params
 from .head import DecoderStage, DiffusionInstHead
 from .losses import fed_loss_class_weights
 from .matcher import DynamicKMatcher
+from .roi_align import use_fast_roi_align_backward
 from .postprocess import masks_to_image, nms_and_cap, select_topk
 from .sampler import DDIMSampler
 
@@ -113,6 +114,7 @@ class DiffusionInst(nn.Module):
             sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
             pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE,
         )
+        use_fast_roi_align_backward(box_pooler)
         mask_layout = (d.MASK_DIM, d.MASK_HEAD_CHANNELS, d.MASK_HEAD_LAYERS)
         stage = DecoderStage(
             d_model=d.HIDDEN_DIM,
