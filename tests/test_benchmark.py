@@ -1,0 +1,120 @@
+"""tools/benchmark.py smoke tests on the tiny shapes model: structure and sanity of the results, not speed."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+
+from conftest import CONFIGS, ROOT, TINY_OPTS, tiny_cfg
+
+CONFIG = str(CONFIGS / "diffinst.shapes.res18.cpu.yaml")
+BENCHMARK = str(ROOT / "tools" / "benchmark.py")
+_spec = importlib.util.spec_from_file_location("benchmark", BENCHMARK)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+EXPECTED_CASES = {("ours", 1), ("ours", 2), ("original", 1)}
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread while the test runs (on a shared machine more threads only add contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _non_negative(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x >= 0
+
+
+def check_breakdown(b: dict, tol_ms: float = 0.05) -> None:
+    """Every part present, finite and >= 0; top-level parts sum to no more than the total, sub-parts fit inside."""
+    assert set(bench.TOP_PARTS) | set(bench.SUB_PARTS) | {"total"} <= set(b), b
+    assert all(_non_negative(v) for v in b.values()), b
+    assert _positive(b["total"]) and _positive(b["backbone_fpn"]) and _positive(b["decoder"]), b
+    assert sum(b[p] for p in bench.TOP_PARTS) <= b["total"] * 1.01 + tol_ms, b
+    assert b["mask_head"] + b["paste_masks"] <= b["after_decoder"] * 1.01 + tol_ms, b
+
+
+def check_results(results: dict, batch_size: int = 2) -> None:
+    """The JSON of a --mode all --impl both run: settings, environment and positive, finite measurements."""
+    json.dumps(results, allow_nan=False)  # serialisable, no NaN/inf anywhere
+    assert {"config_file", "overrides", "weights", "environment", "settings", "inference", "speedup_batch1",
+            "train"} <= set(results)
+    assert results["weights"].startswith("random init")
+    env = results["environment"]
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__ and _positive(env["torch_threads"])
+    assert results["settings"]["num_proposals"] == 20 and results["settings"]["batch_size"] == batch_size
+
+    assert {(e["impl"], e["batch_size"]) for e in results["inference"]} == EXPECTED_CASES
+    for e in results["inference"]:
+        assert e["calls"] == 1 and len(e["times_s"]) == 1
+        assert all(_positive(e[k]) for k in ("median_s", "min_s", "max_s", "q1_s", "q3_s", "ms_per_image", "images_per_s"))
+        assert e["min_s"] <= e["median_s"] <= e["max_s"]
+        assert math.isclose(e["ms_per_image"], 1000 * e["median_s"] / e["batch_size"])
+        assert _positive(e["memory"]["peak_mb"]) and _non_negative(e["memory"]["increase_mb"]) and e["memory"]["method"]
+        assert _non_negative(e["detections_per_image"])
+        check_breakdown(e["breakdown_ms"])
+    assert _positive(results["speedup_batch1"])
+
+    t = results["train"]
+    assert t["batch_size"] == batch_size and _positive(t["s_per_iter"]) and math.isfinite(t["last_loss"])
+    assert _positive(t["memory"]["peak_mb"]) and _non_negative(t["memory"]["increase_mb"])
+    assert set(t["split_ms"]) == {"forward", "backward", "optimizer_step"}
+    assert all(_positive(v) for v in t["split_ms"].values())
+    assert sum(t["split_ms"].values()) <= 1000 * t["s_per_iter"] * 1.01 + 0.05
+
+
+def test_run_benchmark_random_inputs_both_impls_all_modes(one_thread):
+    results = bench.run_benchmark(CONFIG, TINY_OPTS, mode="all", impl="both", batch_size=2, warmup=1, repeats=1,
+                                  image_size=(64, 96), threads=1)
+    check_results(results)
+    assert results["settings"]["inference_inputs"] == "3x64x96 uint8"
+    report = bench.format_report(results)
+    for text in ("Inference on", "speed-up at batch 1", "Breakdown of one call", "original b1", "Training on", "random init"):
+        assert text in report
+
+
+def test_cli_on_shapes_images_writes_json(tmp_path, shapes_root):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, BENCHMARK, "--config-file", CONFIG, "--mode", "all", "--impl", "both", "--shapes",
+           "--batch-size", "2", "--warmup", "1", "--repeats", "1", "--threads", "1", "--json", str(out),
+           *[str(o) for o in TINY_OPTS]]
+    env = dict(os.environ, DETECTRON2_DATASETS=shapes_root, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    check_results(results)
+    assert results["settings"]["inputs"] == "shapes"
+    assert results["overrides"] == [str(o) for o in TINY_OPTS]
+    assert "speed-up at batch 1" in proc.stdout and f"wrote {out}" in proc.stdout
+
+
+def test_instrumentation_is_removed_after_the_call(one_thread):
+    """The timers patch the model and module functions only during an instrumented call."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model = build_model(cfg).eval()
+    ref = bench.load_reference()
+    meta_arch = sys.modules[type(model).__module__]
+    before = (meta_arch.dynamic_mask_logits, meta_arch.masks_to_image, ref.head_forward, ref.stage_forward)
+    cases = bench.inference_cases(model, cfg, bench.random_images(1, (64, 96)), ["ours", "original"], [1])
+    for case in cases:
+        parts = bench.instrumented_call(case["fn"], case["instrument"], model.device)
+        assert parts["decoder"] > 0 and parts["total"] > 0
+    assert (meta_arch.dynamic_mask_logits, meta_arch.masks_to_image, ref.head_forward, ref.stage_forward) == before
+    assert "mask_features" not in vars(model.head) and "preprocess_image" not in vars(model)
+    assert not model.backbone._forward_hooks and not model.backbone._forward_pre_hooks and not model.head._forward_hooks
