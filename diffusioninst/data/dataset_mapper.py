@@ -1,10 +1,13 @@
 """DiffusionInst's dataset mapper: DiffusionDet/DETR-style augmentation and instance masks as bitmasks."""
 from __future__ import annotations
 
+import copy
+import logging
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from pycocotools import mask as mask_util
 
 from detectron2.config import configurable
@@ -12,8 +15,38 @@ from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks
+from detectron2.utils.file_io import PathManager
 
-__all__ = ["DiffusionInstDatasetMapper", "build_diffusioninst_augmentation"]
+__all__ = ["DiffusionInstDatasetMapper", "ImageReadError", "build_diffusioninst_augmentation", "read_image"]
+
+logger = logging.getLogger(__name__)
+
+_HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+class ImageReadError(OSError):
+    """An image file that cannot be decoded (missing, corrupt, truncated, not an image); names the file."""
+
+
+def read_image(file_name: str, format: str | None = None) -> np.ndarray:
+    """``detectron2.data.detection_utils.read_image`` that also reads 16-bit and 32-bit images correctly.
+
+    EXIF orientation is applied, as detectron2 does (annotations are in the orientation a viewer shows). Grayscale,
+    palette, RGBA (alpha dropped) and CMYK images become ``format`` (e.g. 3-channel RGB or BGR). PIL converts
+    16-bit images to 8 bits by clipping at 255 (a nearly white image); here they are scaled (65535 -> 255).
+    32-bit integer images are scaled the same way when their values exceed 255, float images from [0, 1].
+    """
+    with PathManager.open(file_name, "rb") as f:
+        image = Image.open(f)
+        image = utils._apply_exif_orientation(image)
+        if image.mode in _HIGH_BIT_DEPTH_MODES:
+            array = np.asarray(image)
+            if image.mode == "F":
+                array = np.nan_to_num(array, nan=0.0) * (255.0 if np.nanmax(array) <= 1.0 else 1.0)
+            elif image.mode != "I" or array.max() > 255:
+                array = array.astype(np.float64) * (255.0 / 65535.0)
+            image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+        return utils.convert_PIL_to_numpy(image, format)
 
 
 def build_diffusioninst_augmentation(cfg, is_train: bool) -> list[T.Augmentation]:
@@ -41,6 +74,37 @@ def build_diffusioninst_augmentation(cfg, is_train: bool) -> list[T.Augmentation
         )
     )
     return augmentations
+
+
+def _describe_read_error(dataset_dict: dict, error: Exception, hint: bool) -> Exception:
+    """The exception for an image that could not be read or whose size does not match its record.
+
+    ``hint``: mention DATASETS.SKIP_INVALID (training with the switch off).
+    """
+    file_name = dataset_dict["file_name"]
+    hint = " or set DATASETS.SKIP_INVALID True to skip such images in training" if hint else ""
+    if isinstance(error, utils.SizeMismatchError):
+        expected = (dataset_dict.get("width"), dataset_dict.get("height"))
+        message = str(error)
+        try:
+            with PathManager.open(file_name, "rb") as f, Image.open(f) as raw:
+                raw_size, exif = raw.size, raw.getexif().get(274)
+        except Exception:
+            raw_size, exif = None, None
+        if exif in (5, 6, 7, 8):
+            message += (
+                f" The file has EXIF orientation {exif} (a 90-degree rotation, applied when reading, as viewers "
+                f"and most annotation tools do); stored {raw_size[0]}x{raw_size[1]}, read {raw_size[1]}x"
+                f"{raw_size[0]}: the record's width/height {expected[0]}x{expected[1]} and its coordinates must "
+                "be those of the rotated image. Re-annotate on the rotated image or strip the EXIF orientation."
+            )
+        return utils.SizeMismatchError(f"{message} Fix the record{hint}.")
+    image_id = dataset_dict.get("image_id")
+    entry = f" (image id {image_id!r})" if image_id is not None else ""
+    return ImageReadError(
+        f"cannot read image {file_name}{entry}: {type(error).__name__}: {error}. The file is missing, corrupt, "
+        f"truncated or not an image: replace it or remove it from the dataset{hint}"
+    )
 
 
 def _transform_segmentation(
@@ -75,7 +139,11 @@ class DiffusionInstDatasetMapper(DatasetMapper):
     """``DatasetMapper`` for DiffusionInst: its augmentation, instance masks always on and as ``BitMasks``.
 
     Crowd annotations are dropped. Training images without instances are kept and get empty ``Instances``
-    (``gt_boxes`` (0, 4), ``gt_classes`` (0,), ``gt_masks`` BitMasks (0, H, W)).
+    (``gt_boxes`` (0, 4), ``gt_classes`` (0,), ``gt_masks`` BitMasks (0, H, W)). Images are read with
+    :func:`read_image`. An image that cannot be read, or whose size differs from its record's, raises an error
+    naming the file; in training with ``skip_invalid`` (``DATASETS.SKIP_INVALID``) it is skipped with a warning
+    instead (the mapper returns None and detectron2's ``MapDataset`` uses another image). Semantic segmentation
+    and precomputed proposals, which DiffusionInst does not use, are not read.
     """
 
     @configurable
@@ -86,6 +154,7 @@ class DiffusionInstDatasetMapper(DatasetMapper):
         augmentations: list[T.Augmentation | T.Transform],
         image_format: str,
         recompute_boxes: bool = False,
+        skip_invalid: bool = False,
     ):
         """
         Args:
@@ -94,6 +163,7 @@ class DiffusionInstDatasetMapper(DatasetMapper):
             image_format: format passed to :func:`detection_utils.read_image`, e.g. "RGB".
             recompute_boxes: replace boxes by the tight boxes of the transformed masks. Off by default, as in
                 the original release (after a crop, a box is the crop-clipped original box).
+            skip_invalid: in training, skip unreadable images with a warning (return None) instead of raising.
         """
         super().__init__(
             is_train,
@@ -103,6 +173,8 @@ class DiffusionInstDatasetMapper(DatasetMapper):
             instance_mask_format="bitmask",
             recompute_boxes=recompute_boxes,
         )
+        self.skip_invalid = skip_invalid
+        self._skipped: set[str] = set()
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> dict[str, Any]:
@@ -111,13 +183,54 @@ class DiffusionInstDatasetMapper(DatasetMapper):
             "is_train": is_train,
             "augmentations": build_diffusioninst_augmentation(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
+            "skip_invalid": bool(cfg.DATASETS.get("SKIP_INVALID", False)),
         }
 
-    def __call__(self, dataset_dict: dict) -> dict:
-        """Read, augment and convert one dataset dict (it is not modified) to the model's input format."""
-        if self.is_train and "annotations" not in dataset_dict:
-            dataset_dict = {**dataset_dict, "annotations": []}
-        return super().__call__(dataset_dict)
+    def __call__(self, dataset_dict: dict) -> dict | None:
+        """Read, augment and convert one dataset dict (it is not modified) to the model's input format.
+
+        Returns None for a skipped image (training with ``skip_invalid`` only).
+        """
+        dataset_dict = copy.deepcopy(dataset_dict)
+        if self.is_train:
+            dataset_dict.setdefault("annotations", [])
+        image = self._read(dataset_dict)
+        if image is None:
+            return None
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        image_shape = image.shape[:2]
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if not self.is_train:
+            dataset_dict.pop("annotations", None)
+            dataset_dict.pop("sem_seg_file_name", None)
+            return dataset_dict
+        try:
+            self._transform_annotations(dataset_dict, transforms, image_shape)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            file_name = dataset_dict.get("file_name", "an image")
+            if file_name in str(e):
+                raise
+            raise ValueError(f"{file_name}: cannot use its annotations: {type(e).__name__}: {e}") from e
+        return dataset_dict
+
+    def _read(self, dataset_dict: dict) -> np.ndarray | None:
+        """The image of ``dataset_dict`` checked against its width/height; None if skipped."""
+        file_name = dataset_dict["file_name"]
+        try:
+            image = read_image(file_name, format=self.image_format)
+            utils.check_image_size(dataset_dict, image)
+            return image
+        except Exception as e:
+            skip = self.is_train and self.skip_invalid
+            error = _describe_read_error(dataset_dict, e, hint=self.is_train and not skip)
+            if not skip:
+                raise error from e
+            if file_name not in self._skipped:
+                self._skipped.add(file_name)
+                logger.warning("%s; skipped (DATASETS.SKIP_INVALID), another image is used in its place", error)
+            return None
 
     def _transform_annotations(
         self, dataset_dict: dict, transforms: T.TransformList, image_shape: tuple[int, int]

@@ -13,6 +13,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json, register_coco_instances
 
 from .shapes import SHAPES_CATEGORIES, generate_shapes_dataset, shapes_dataset_paths
+from .validation import COCO_SOURCE, install_validating_loaders
 
 __all__ = ["SHAPES_SPLITS", "class_image_count", "register_datasets_from_cfg", "register_shapes"]
 
@@ -27,12 +28,26 @@ def _default_root() -> str:
     return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
 
 
+def _ensure_shapes(root: str, name: str) -> None:
+    """Generate the shapes dataset (with default arguments) if the split's json file is missing."""
+    if not os.path.isfile(shapes_dataset_paths(root, SHAPES_SPLITS[name])[0]):
+        generate_shapes_dataset(root)
+
+
 def _load_shapes(root: str, name: str) -> list[dict]:
     """Load one shapes split, generating the dataset first (with default arguments) if it is missing."""
+    _ensure_shapes(root, name)
     json_file, image_root = shapes_dataset_paths(root, SHAPES_SPLITS[name])
-    if not os.path.isfile(json_file):
-        generate_shapes_dataset(root)
     return load_coco_json(json_file, image_root, name)
+
+
+def _shapes_loader(root: str, name: str):
+    def load() -> list[dict]:
+        return _load_shapes(root, name)
+
+    # Lets the validating loader (validation.py) read the same file itself, after generating it if needed.
+    setattr(load, COCO_SOURCE, (*shapes_dataset_paths(root, SHAPES_SPLITS[name]), lambda: _ensure_shapes(root, name)))
+    return load
 
 
 def register_shapes(root: str | None = None) -> None:
@@ -55,11 +70,15 @@ def register_shapes(root: str | None = None) -> None:
         register_coco_instances(name, metadata, json_file, image_root)
         # Same metadata as any COCO-format dataset; only the loader differs (it may generate first).
         DatasetCatalog.remove(name)
-        DatasetCatalog.register(name, lambda root=root, name=name: _load_shapes(root, name))
+        DatasetCatalog.register(name, _shapes_loader(root, name))
 
 
 def _same_path(a: str, b: str) -> bool:
     return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+
+
+def _relative_note(path: str) -> str:
+    return "" if os.path.isabs(os.path.expanduser(path)) else f" (relative to the working directory {os.getcwd()})"
 
 
 def _parse_entry(index: int, entry: Any) -> tuple[str, str, str]:
@@ -84,6 +103,12 @@ def register_datasets_from_cfg(cfg) -> list[str]:
     declared names in order. A name already registered with the same files is skipped; with other files, or
     a malformed entry, raises ValueError; a missing json file or image directory raises FileNotFoundError.
     All entries are checked before any is registered.
+
+    Then the loaders of the datasets named in ``DATASETS.TRAIN`` and ``DATASETS.TEST`` (from any source) are
+    replaced by validating ones (:func:`.validation.install_validating_loaders`): bad annotation files, missing
+    images and a ``MODEL.DiffusionInst.NUM_CLASSES`` that disagrees with the data fail with an error naming the
+    file and the entry when the dataset is first loaded, before training; ``DATASETS.SKIP_INVALID`` drops bad
+    entries with a warning instead.
     """
     entries = cfg.DATASETS.get("COCO_INSTANCES", ())
     if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
@@ -111,18 +136,22 @@ def register_datasets_from_cfg(cfg) -> list[str]:
                 f"json_file={old_json!r}, image_root={old_root!r}; choose another name"
             )
         if not os.path.isfile(json_file):
+            what = "is a directory, not a file" if os.path.isdir(json_file) else "not found"
             raise FileNotFoundError(
-                f"{_CFG_KEY}[{index}]: json file of dataset {name!r} not found: {json_file}"
+                f"{_CFG_KEY}[{index}]: json file of dataset {name!r} {what}: {json_file}{_relative_note(json_file)}"
             )
         if not os.path.isdir(image_root):
+            what = "is a file, not a directory" if os.path.isfile(image_root) else "not found"
             raise FileNotFoundError(
-                f"{_CFG_KEY}[{index}]: image directory of dataset {name!r} not found: {image_root}"
+                f"{_CFG_KEY}[{index}]: image directory of dataset {name!r} {what}: {image_root}"
+                f"{_relative_note(image_root)}"
             )
         declared[name] = (json_file, image_root)
         to_register.append(name)
     for name in to_register:
         json_file, image_root = declared[name]
         register_coco_instances(name, {}, json_file, image_root)
+    install_validating_loaders(cfg)
     return list(declared)
 
 
