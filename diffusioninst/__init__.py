@@ -7,7 +7,8 @@ from . import compat
 
 compat.apply()
 
-from .config import add_diffusioninst_config  # noqa: E402
+from .checkpoint import DiffusionInstCheckpointer, load_weights  # noqa: E402
+from .config import ConfigError, add_diffusioninst_config, check_config, merge_config  # noqa: E402
 from .data import DiffusionInstDatasetMapper, register_datasets_from_cfg  # noqa: E402
 from .modeling.backbone import swin  # noqa: E402,F401  (registers build_swin_fpn_backbone)
 from .modeling.meta_arch import DiffusionInst  # noqa: E402
@@ -15,6 +16,11 @@ from .solver import build_optimizer  # noqa: E402
 
 __all__ = [
     "add_diffusioninst_config",
+    "check_config",
+    "ConfigError",
+    "DiffusionInstCheckpointer",
+    "load_weights",
+    "merge_config",
     "DiffusionInst",
     "DiffusionInstDatasetMapper",
     "register_datasets_from_cfg",

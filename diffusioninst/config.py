@@ -1,4 +1,14 @@
-"""Config defaults for DiffusionInst; every key the model, data and training code reads lives here."""
+"""Config defaults for DiffusionInst; every key the model, data and training code reads lives here.
+
+Also :func:`merge_config` (YAML file + command-line overrides, with errors naming the file, the key and the
+closest valid key) and :func:`check_config` (values the model cannot run with, rejected before building).
+"""
+import difflib
+import os
+import re
+from typing import List, Optional, Sequence
+
+import yaml
 from detectron2.config import CfgNode as CN
 
 
@@ -96,3 +106,244 @@ def add_diffusioninst_config(cfg: CN) -> None:
         [96, 10000], [96, 10000], [64, 10000], [64, 10000], [64, 10000], [0, 10000], [0, 10000],
         [0, 256], [0, 256], [0, 192], [0, 192], [0, 96], [0, 10000],
     )  # (min, max) box sizes kept at each of MIN_SIZES
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading configs with messages that say what to fix.
+
+
+class ConfigError(ValueError):
+    """A config file or override the project cannot use; the message names the key and what to change."""
+
+
+class ConfigFileNotFoundError(FileNotFoundError):
+    """The --config-file, or a file it inherits with _BASE_, does not exist."""
+
+
+class UnknownConfigKeyError(ConfigError, KeyError):
+    """A key no one defines (still a KeyError, as detectron2 raises for unknown keys)."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0]) if self.args else ""
+
+
+def config_keys(cfg: CN, prefix: str = "") -> List[str]:
+    """Every leaf key of ``cfg`` as a dotted name."""
+    keys = []
+    for name, value in cfg.items():
+        full = prefix + name
+        keys += config_keys(value, full + ".") if isinstance(value, CN) else [full]
+    return keys
+
+
+def closest_keys(key: str, valid: Sequence[str], n: int = 1) -> List[str]:
+    """The valid keys most like ``key``: by the whole dotted name and by its last part (``MODEL.NUM_PROPOSALS``
+    finds ``MODEL.DiffusionInst.NUM_PROPOSALS``)."""
+    key_l, leaf_l = key.lower(), key.rsplit(".", 1)[-1].lower()
+    scored = []
+    for k in valid:
+        whole = difflib.SequenceMatcher(None, key_l, k.lower()).ratio()
+        leaf = difflib.SequenceMatcher(None, leaf_l, k.rsplit(".", 1)[-1].lower()).ratio()
+        scored.append((0.5 * whole + 0.5 * leaf, k))
+    scored.sort(key=lambda s: -s[0])
+    return [k for score, k in scored[:n] if score >= 0.6]
+
+
+def _did_you_mean(key: str, valid: Sequence[str]) -> str:
+    match = closest_keys(key, valid)
+    return f"; did you mean {match[0]}?" if match else ""
+
+
+def _config_chain(config_file: str) -> List[str]:
+    """The YAML files that make up ``config_file``: its ``_BASE_`` files (recursively) first, then itself.
+
+    Paths are resolved as fvcore resolves them; files that cannot be read are left out (the merge reports them).
+    """
+    try:
+        data = _read_yaml(config_file)
+    except Exception:
+        return [config_file]
+    bases = data.get("_BASE_") if isinstance(data, dict) else None
+    chain = []
+    for base in [bases] if isinstance(bases, str) else list(bases or []):
+        base = os.path.expanduser(base)
+        if not base.startswith(("/", "https://", "http://")):
+            base = os.path.join(os.path.dirname(config_file), base)
+        chain += _config_chain(base)
+    return chain + [config_file]
+
+
+def _read_yaml(path: str):
+    with open(path) as f:
+        try:
+            return yaml.safe_load(f)
+        except yaml.constructor.ConstructorError:  # detectron2 allows unsafe YAML in its configs
+            f.seek(0)
+            return yaml.unsafe_load(f)
+
+
+def _files_setting(config_file: str, key: str) -> List[str]:
+    """The files of ``config_file``'s chain that set ``key`` (dotted), last one (the one that wins) last."""
+    found = []
+    for path in _config_chain(config_file):
+        try:
+            node = _read_yaml(path)
+        except Exception:
+            continue
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            found.append(path)
+    return found
+
+
+_TYPE_MISMATCH = re.compile(r"Type mismatch \((.*?) vs\. (.*?)\) with values \((.*) vs\. (.*)\) for config key: (\S+)")
+
+
+def _type_name(type_repr: str) -> str:
+    match = re.match(r"<class '(.*)'>", type_repr)
+    return match.group(1).rsplit(".", 1)[-1] if match else type_repr
+
+
+def _explain_type_mismatch(message: str, source: str) -> Optional[str]:
+    match = _TYPE_MISMATCH.search(message)
+    if not match:
+        return None
+    expected, got, default, value, key = match.groups()
+    expected, got = _type_name(expected), _type_name(got)
+    hint = ""
+    if expected == "float" and got == "int":
+        hint = f"; write it as a float, e.g. {value}.0"
+    elif expected in ("tuple", "list") and got in ("int", "float", "str"):
+        hint = f"; write a list, e.g. ({value},) in YAML or \"({value},)\" on the command line"
+    elif expected == "str" and got != "str":
+        hint = "; quote it"
+    article = "an" if expected[:1] in "aeiou" else "a"
+    return f"{key} must be {article} {expected} (it is {default}) but {source} gives the {got} {value}{hint}"
+
+
+def merge_config(cfg: CN, config_file: Optional[str] = None, opts: Sequence = ()) -> CN:
+    """``cfg.merge_from_file(config_file)`` then ``cfg.merge_from_list(opts)``, with errors that name the file,
+    the key, the closest valid key, and the type expected. Raises :class:`ConfigError` (unknown keys:
+    :class:`UnknownConfigKeyError`, also a KeyError) or :class:`ConfigFileNotFoundError` for a missing file."""
+    if config_file:
+        _merge_file(cfg, config_file)
+    if opts:
+        _merge_opts(cfg, [str(o) if not isinstance(o, str) else o for o in opts])
+    return cfg
+
+
+def _merge_file(cfg: CN, config_file: str) -> None:
+    if not os.path.isfile(config_file):
+        folder = os.path.dirname(config_file) or "."
+        near = []
+        if os.path.isdir(folder):
+            yamls = [f for f in os.listdir(folder) if f.endswith((".yaml", ".yml"))]
+            near = difflib.get_close_matches(os.path.basename(config_file), yamls, n=3, cutoff=0.5)
+        hint = f"; similar files in {folder}: {', '.join(near)}" if near else ""
+        raise ConfigFileNotFoundError(f"config file {config_file!r} does not exist (--config-file){hint}")
+    valid = config_keys(cfg)
+    try:
+        cfg.merge_from_file(config_file)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {config_file} (or one of its _BASE_ files) is not valid YAML: {exc}") from exc
+    except KeyError as exc:
+        message = exc.args[0] if exc.args else str(exc)
+        match = re.match(r"Non-existent config key: (\S+)", str(message))
+        if not match:  # e.g. a renamed key: detectron2's message says what to use instead
+            raise ConfigError(f"config file {config_file}: {message}") from exc
+        key = match.group(1)
+        files = _files_setting(config_file, key) or [config_file]
+        raise UnknownConfigKeyError(
+            f"unknown config key {key} in {files[-1]}{_did_you_mean(key, valid)}"
+        ) from exc
+    except ValueError as exc:
+        match = _TYPE_MISMATCH.search(str(exc))
+        files = _files_setting(config_file, match.group(5)) if match else []
+        text = _explain_type_mismatch(str(exc), files[-1] if files else config_file)
+        raise ConfigError(text or f"config file {config_file}: {exc}") from exc
+    except FileNotFoundError as exc:  # a _BASE_ file
+        raise ConfigFileNotFoundError(
+            f"config file {config_file}: a file it inherits (_BASE_) is missing: {exc}") from exc
+    except (AssertionError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"config file {config_file} cannot be used as a detectron2 config: {exc}") from exc
+
+
+def _merge_opts(cfg: CN, opts: List[str]) -> None:
+    if len(opts) % 2:
+        raise ConfigError(
+            f"command-line overrides must be KEY VALUE pairs; {opts[-1]!r} has no value (got {len(opts)} items)"
+        )
+    valid = set(config_keys(cfg))
+    for key in opts[0::2]:
+        if key in valid or cfg.key_is_deprecated(key) or cfg.key_is_renamed(key):
+            continue  # detectron2 skips deprecated keys and explains renamed ones in merge_from_list
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, CN) else None
+        if isinstance(node, CN):
+            raise UnknownConfigKeyError(
+                f"command-line override {key} is a group of keys, not a key; set one of its keys "
+                f"({', '.join(sorted(node.keys())[:6])}{', ...' if len(node) > 6 else ''}) as {key}.<KEY> VALUE")
+        raise UnknownConfigKeyError(
+            f"command-line override {key} is not a config key{_did_you_mean(key, sorted(valid))}")
+    try:
+        cfg.merge_from_list(opts)
+    except ValueError as exc:
+        text = _explain_type_mismatch(str(exc), "the command line")
+        raise ConfigError(text or f"command-line overrides: {exc}") from exc
+    except (KeyError, AssertionError, TypeError) as exc:
+        raise ConfigError(f"command-line overrides: {exc}") from exc
+
+
+def check_config(cfg: CN) -> None:
+    """Reject values DiffusionInst cannot run with, before anything is built; one error lists every problem."""
+    import torch
+    from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
+
+    d = cfg.MODEL.DiffusionInst
+    problems = []
+    for key, value in (("NUM_CLASSES", d.NUM_CLASSES), ("NUM_PROPOSALS", d.NUM_PROPOSALS),
+                       ("SAMPLE_STEP", d.SAMPLE_STEP), ("NUM_TIMESTEPS", d.NUM_TIMESTEPS),
+                       ("NUM_HEADS", d.NUM_HEADS)):
+        if value < 1:
+            problems.append(f"MODEL.DiffusionInst.{key} must be at least 1, got {value}")
+    if d.SAMPLE_STEP > d.NUM_TIMESTEPS >= 1:
+        problems.append(
+            f"MODEL.DiffusionInst.SAMPLE_STEP ({d.SAMPLE_STEP}) cannot exceed NUM_TIMESTEPS ({d.NUM_TIMESTEPS})"
+        )
+    if d.NHEADS < 1 or d.HIDDEN_DIM % d.NHEADS:
+        problems.append(
+            f"MODEL.DiffusionInst.HIDDEN_DIM ({d.HIDDEN_DIM}) must be divisible by NHEADS ({d.NHEADS})"
+        )
+    if "fpn" in cfg.MODEL.BACKBONE.NAME and d.HIDDEN_DIM != cfg.MODEL.FPN.OUT_CHANNELS:
+        problems.append(
+            f"MODEL.DiffusionInst.HIDDEN_DIM ({d.HIDDEN_DIM}) must equal MODEL.FPN.OUT_CHANNELS "
+            f"({cfg.MODEL.FPN.OUT_CHANNELS}): the decoder reads the FPN features directly"
+        )
+    for key, registry in (("MODEL.BACKBONE.NAME", BACKBONE_REGISTRY), ("MODEL.META_ARCHITECTURE", META_ARCH_REGISTRY)):
+        name = cfg.MODEL.BACKBONE.NAME if key == "MODEL.BACKBONE.NAME" else cfg.MODEL.META_ARCHITECTURE
+        names = sorted(n for n, _ in registry)
+        if name not in names:
+            near = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            problems.append(f"{key} {name!r} is not registered (registered: {', '.join(names)}){hint}")
+    device = cfg.MODEL.DEVICE
+    if cfg.SOLVER.AMP.ENABLED and not device.startswith("cuda"):
+        problems.append(f"SOLVER.AMP.ENABLED needs a GPU (MODEL.DEVICE is {device!r}); set it to False")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"MODEL.DEVICE is {device!r} but PyTorch sees no CUDA GPU; set MODEL.DEVICE cpu")
+    for key, value, low in (("SOLVER.IMS_PER_BATCH", cfg.SOLVER.IMS_PER_BATCH, 1),
+                            ("SOLVER.MAX_ITER", cfg.SOLVER.MAX_ITER, 1),
+                            ("SOLVER.CHECKPOINT_PERIOD", cfg.SOLVER.CHECKPOINT_PERIOD, 1),
+                            ("TEST.EVAL_PERIOD", cfg.TEST.EVAL_PERIOD, 0)):
+        if value < low:
+            problems.append(f"{key} must be at least {low}, got {value}")
+    if cfg.SOLVER.OPTIMIZER.upper() not in ("ADAMW", "SGD"):
+        problems.append(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got {cfg.SOLVER.OPTIMIZER!r}")
+    if cfg.MODEL_EMA.ENABLED and not 0.0 <= cfg.MODEL_EMA.DECAY < 1.0:
+        problems.append(f"MODEL_EMA.DECAY must be in [0, 1), got {cfg.MODEL_EMA.DECAY}")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

@@ -29,7 +29,7 @@ from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 
-from diffusioninst import add_diffusioninst_config  # noqa: E402
+from diffusioninst import add_diffusioninst_config, check_config, load_weights, merge_config  # noqa: E402
 from diffusioninst.data import register_datasets_from_cfg  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -124,11 +124,17 @@ def build_predictor(args: argparse.Namespace) -> tuple[DefaultPredictor, Metadat
     """The predictor for the config and overrides, and the metadata (class names, colours) to draw with."""
     cfg = get_cfg()
     add_diffusioninst_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    merge_config(cfg, args.config_file, args.opts)  # errors name the file, the key and the closest valid key
+    check_config(cfg)
     register_datasets_from_cfg(cfg)
+    weights = cfg.MODEL.WEIGHTS
+    cfg.MODEL.WEIGHTS = ""  # DefaultPredictor builds the model; the weights are loaded below with clear errors
     cfg.freeze()
-    return DefaultPredictor(cfg), MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
+    predictor = DefaultPredictor(cfg)
+    if not weights:
+        report("MODEL.WEIGHTS is empty: the model is randomly initialised")
+    load_weights(predictor.model, weights, use_ema=cfg.MODEL_EMA.ENABLED)
+    return predictor, MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
 
 
 def annotate(
@@ -238,5 +244,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    with torch.no_grad():
-        sys.exit(main())
+    from diffusioninst.checkpoint import CheckpointNotFoundError, CorruptCheckpointError
+    from diffusioninst.config import ConfigError, ConfigFileNotFoundError
+
+    try:
+        with torch.no_grad():
+            sys.exit(main())
+    except (ConfigError, ConfigFileNotFoundError, CheckpointNotFoundError, CorruptCheckpointError) as exc:
+        sys.exit(f"[demo] error: {exc}")

@@ -1,27 +1,57 @@
 #!/usr/bin/env python
-"""Train or evaluate DiffusionInst: ``tools/train_net.py --config-file CFG [--eval-only] [--resume] [KEY VALUE ...]``."""
+"""Train or evaluate DiffusionInst: ``tools/train_net.py --config-file CFG [--eval-only] [--resume] [KEY VALUE ...]``.
+
+Config mistakes, missing or corrupt checkpoints stop the run with a message that names what to fix. Checkpoints
+are written atomically; a NaN/Inf loss stops training before anything of that state is saved; CUDA
+out-of-memory errors say which keys reduce memory; every finished evaluation is kept in
+``OUTPUT_DIR/inference/<dataset>/results.json`` (and ``results_history.jsonl``).
+"""
+import contextlib
 import logging
 import os
 import sys
+import weakref
 from collections import OrderedDict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import diffusioninst  # noqa: E402,F401  (compat shims and registrations come first)
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+import torch  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader  # noqa: E402
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator, verify_results  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from diffusioninst import DiffusionInstDatasetMapper, add_diffusioninst_config, build_optimizer  # noqa: E402
+from diffusioninst.checkpoint import (  # noqa: E402
+    CheckpointNotFoundError, CorruptCheckpointError, DiffusionInstCheckpointer, load_weights,
+)
+from diffusioninst.config import ConfigError, ConfigFileNotFoundError, check_config, merge_config  # noqa: E402
 from diffusioninst.data import register_datasets_from_cfg  # noqa: E402
 from diffusioninst.ema import EMAHook, ModelEMA, unwrap_model  # noqa: E402
+from diffusioninst.engine import EvalHook, LossCheck, out_of_memory_error, save_eval_results  # noqa: E402
 from diffusioninst.modeling.test_time_augmentation import DiffusionInstWithTTA  # noqa: E402
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with DiffusionInst's mapper, optimizer, evaluators, model EMA and test-time augmentation."""
+    """DefaultTrainer with DiffusionInst's mapper, optimizer, evaluators, model EMA and test-time augmentation,
+    atomic checkpoints, a non-finite-loss check and explained CUDA out-of-memory errors."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        me = weakref.proxy(self)  # no reference cycle through the model's forward hook
+        self.loss_check = LossCheck(self._trainer.model, lambda: me.iter, lambda: me._last_checkpoint())
+
+    def _last_checkpoint(self) -> str:
+        return self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else ""
+
+    def run_step(self):
+        try:
+            super().run_step()
+        except torch.cuda.OutOfMemoryError as exc:
+            raise out_of_memory_error(self.cfg, "training", exc, self.iter, self._last_checkpoint()) from exc
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -54,61 +84,84 @@ class Trainer(DefaultTrainer):
             self._trainer.load_state_dict(state_dict["_trainer"])
 
     def build_hooks(self):
-        """Default hooks; with MODEL_EMA.ENABLED the EMA is updated before checkpointing and used to evaluate."""
+        """Default hooks; with MODEL_EMA.ENABLED the EMA is updated before checkpointing and used to evaluate.
+
+        DefaultTrainer.__init__ calls this right after creating its DetectionCheckpointer; it is replaced here by
+        the atomic DiffusionInstCheckpointer before the checkpoint hook is built from it.
+        """
+        self.checkpointer = DiffusionInstCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR,
+                                                      trainer=weakref.proxy(self))
         ret = super().build_hooks()
         self.model_ema = None
-        if not self.cfg.MODEL_EMA.ENABLED:
-            return ret
-        self.model_ema = ModelEMA(self.model, self.cfg.MODEL_EMA.DECAY, self.cfg.MODEL_EMA.DEVICE)
-        self.checkpointer.add_checkpointable("model_ema", self.model_ema)
-        ret.insert(2, EMAHook(self.model_ema, self.model))  # right after the LR scheduler, before checkpoints
-
-        def test_with_ema():
-            with self.model_ema.apply_to(self.model):
-                self._last_eval_results = self.test(self.cfg, self.model)
-            return self._last_eval_results
-
-        return [hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, test_with_ema) if isinstance(h, hooks.EvalHook) else h
+        if self.cfg.MODEL_EMA.ENABLED:
+            self.model_ema = ModelEMA(self.model, self.cfg.MODEL_EMA.DECAY, self.cfg.MODEL_EMA.DEVICE)
+            self.checkpointer.add_checkpointable("model_ema", self.model_ema)
+            ret.insert(2, EMAHook(self.model_ema, self.model))  # right after the LR scheduler, before checkpoints
+        return [EvalHook(self.cfg.TEST.EVAL_PERIOD, self._evaluate) if isinstance(h, hooks.EvalHook) else h
                 for h in ret]
 
+    def _evaluate(self):
+        """Evaluation during/after training (with the EMA weights if enabled), saved with the iteration."""
+        ema = self.model_ema.apply_to(self.model) if self.model_ema is not None else contextlib.nullcontext()
+        with ema:
+            self._last_eval_results = self.test(self.cfg, self.model, iteration=min(self.iter, self.max_iter - 1),
+                                                ema=self.model_ema is not None)
+        return self._last_eval_results
+
     @classmethod
-    def test_with_TTA(cls, cfg, model):
+    def test(cls, cfg, model, evaluators=None, *, results_dir="inference", **info):
+        """DefaultTrainer.test, plus: metrics written to OUTPUT_DIR/<results_dir>/<dataset>/results.json (with
+        ``info``, e.g. iteration and weights) and out-of-memory errors explained."""
+        try:
+            results = super().test(cfg, model, evaluators)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise out_of_memory_error(cfg, "evaluation", exc) from exc
+        if comm.is_main_process() and cfg.DATASETS.TEST:
+            per_dataset = {cfg.DATASETS.TEST[0]: results} if len(cfg.DATASETS.TEST) == 1 else results
+            for path in save_eval_results(per_dataset, os.path.join(cfg.OUTPUT_DIR, results_dir), **info):
+                logging.getLogger("diffusioninst").info("Evaluation results saved to %s", path)
+        return results
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model, **info):
         """Evaluate with multi-scale + flip test-time augmentation; metric names get a "_TTA" suffix."""
         evaluators = [cls.build_evaluator(cfg, name, os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name))
                       for name in cfg.DATASETS.TEST]
-        res = cls.test(cfg, DiffusionInstWithTTA.from_config(cfg, unwrap_model(model)), evaluators)
+        res = cls.test(cfg, DiffusionInstWithTTA.from_config(cfg, unwrap_model(model)), evaluators,
+                       results_dir="inference_TTA", **info)
         return OrderedDict((k + "_TTA", v) for k, v in res.items())
 
 
-def setup(args):
+def build_config(args):
+    """The config of the command line (file + overrides), checked; not frozen. Raises ConfigError with what to fix."""
     cfg = get_cfg()
     add_diffusioninst_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    merge_config(cfg, args.config_file, args.opts)
+    check_config(cfg)
+    return cfg
+
+
+def setup(args):
+    cfg = build_config(args)
     register_datasets_from_cfg(cfg)
-    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
-        raise ValueError(f"SOLVER.AMP.ENABLED needs a GPU (MODEL.DEVICE is {cfg.MODEL.DEVICE!r}); set it to False")
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="diffusioninst")
     return cfg
 
 
 def evaluate(cfg, args):
     """--eval-only: load MODEL.WEIGHTS (or the last checkpoint with --resume); with MODEL_EMA.ENABLED, its EMA."""
     model = Trainer.build_model(cfg)
-    checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
-    path = checkpointer.get_checkpoint_file() if args.resume and checkpointer.has_checkpoint() else cfg.MODEL.WEIGHTS
-    extra = checkpointer.load(path, checkpointables=[])
-    if cfg.MODEL_EMA.ENABLED:
-        if "model_ema" in extra:
-            unwrap_model(model).load_state_dict(extra["model_ema"])
-        else:
-            logging.getLogger("diffusioninst").warning(
-                "MODEL_EMA.ENABLED is set but %s holds no EMA weights; evaluating its model weights", path
-            )
-    res = Trainer.test(cfg, model)
+    checkpointer = DiffusionInstCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    if args.resume and checkpointer.has_checkpoint():
+        path, source = checkpointer.get_checkpoint_file(), "the last checkpoint (--eval-only --resume)"
+    else:
+        path, source = cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS"
+    load_weights(model, path, use_ema=cfg.MODEL_EMA.ENABLED, source=source)
+    res = Trainer.test(cfg, model, weights=path, ema=cfg.MODEL_EMA.ENABLED)
     if cfg.TEST.AUG.ENABLED:
-        res.update(Trainer.test_with_TTA(cfg, model))
+        res.update(Trainer.test_with_TTA(cfg, model, weights=path, ema=cfg.MODEL_EMA.ENABLED))
     verify_results(cfg, res)
     return res
 
@@ -120,12 +173,17 @@ def main(args):
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     if cfg.TEST.AUG.ENABLED:
-        trainer.register_hooks([hooks.EvalHook(0, lambda: trainer.test_with_TTA(cfg, trainer.model))])
+        trainer.register_hooks([EvalHook(0, lambda: trainer.test_with_TTA(
+            cfg, trainer.model, iteration=min(trainer.iter, trainer.max_iter - 1)))])
     return trainer.train()
 
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    try:
+        build_config(args)  # config mistakes are reported here, once, before any process is started
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
+    except (ConfigError, ConfigFileNotFoundError, CheckpointNotFoundError, CorruptCheckpointError) as exc:
+        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {exc}")

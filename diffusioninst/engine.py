@@ -1,0 +1,160 @@
+"""Training/evaluation guards used by tools/train_net.py: stop on a non-finite loss with the terms named, explain
+CUDA out-of-memory errors, keep every finished evaluation on disk, and never evaluate a failed run as final."""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import torch
+from detectron2.engine import hooks
+from detectron2.utils import comm
+from torch import nn
+
+__all__ = [
+    "EvalHook",
+    "LossCheck",
+    "NonFiniteLossError",
+    "nonfinite_terms",
+    "out_of_memory_error",
+    "save_eval_results",
+]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or Inf; raised before the backward pass, so the weights are still the last good ones."""
+
+    def __init__(self, iteration: Optional[int], bad: Mapping[str, float], finite: Mapping[str, float],
+                 last_checkpoint: str = ""):
+        self.iteration, self.terms = iteration, dict(bad)
+        at = f"at iteration {iteration}" if iteration is not None else ""
+        bad_text = ", ".join(f"{k}={v}" for k, v in bad.items())
+        ok_text = ", ".join(f"{k}={v:.4g}" for k, v in finite.items())
+        kept = (f"The last checkpoint, {last_checkpoint}, was written before this and is intact"
+                if last_checkpoint else "No checkpoint had been written yet")
+        super().__init__(
+            f"Non-finite loss {at}: {bad_text} (finite terms: {ok_text or 'none'}). Training stopped before the "
+            f"backward pass; no checkpoint of this state was written. {kept}. To continue, lower SOLVER.BASE_LR, "
+            "raise SOLVER.WARMUP_ITERS, or enable SOLVER.CLIP_GRADIENTS.ENABLED, check the training annotations "
+            "for empty or degenerate boxes and masks, then rerun with --resume."
+        )
+
+
+def nonfinite_terms(loss_dict: Mapping[str, Any]) -> Dict[str, float]:
+    """The entries of a loss dict that are not finite, as floats."""
+    bad = {}
+    for name, value in loss_dict.items():
+        if torch.is_tensor(value) and not bool(torch.isfinite(value.detach()).all()):
+            bad[name] = float(value.detach().float().sum())
+        elif isinstance(value, float) and not math.isfinite(value):
+            bad[name] = value
+    return bad
+
+
+class LossCheck:
+    """A forward hook on the training model: when it returns a loss dict with a NaN/Inf term, raise
+    :class:`NonFiniteLossError` (naming the iteration, the bad terms and the last checkpoint) before backward."""
+
+    def __init__(self, model: nn.Module, iteration: Callable[[], int], last_checkpoint: Callable[[], str]):
+        self._iteration, self._last_checkpoint = iteration, last_checkpoint
+        self.handle = model.register_forward_hook(self._check)
+
+    def _check(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if not module.training or not isinstance(output, Mapping):
+            return
+        bad = nonfinite_terms(output)
+        if bad:
+            finite = {k: float(v.detach().float()) for k, v in output.items() if k not in bad and torch.is_tensor(v)
+                      and v.numel() == 1}
+            raise NonFiniteLossError(self._iteration(), bad, finite, self._last_checkpoint())
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def out_of_memory_error(cfg, phase: str, exc: BaseException, iteration: Optional[int] = None,
+                        last_checkpoint: str = "") -> BaseException:
+    """A torch.cuda.OutOfMemoryError whose message says which config keys reduce memory, with their values.
+
+    ``phase`` is "training" or "evaluation".
+    """
+    d = cfg.MODEL.DiffusionInst
+    world = max(comm.get_world_size(), 1)
+    if phase == "training":
+        where = f"during training (iteration {iteration})" if iteration is not None else "during training"
+        advice = [
+            f"SOLVER.IMS_PER_BATCH (now {cfg.SOLVER.IMS_PER_BATCH}, {cfg.SOLVER.IMS_PER_BATCH // world} per GPU): "
+            "lower it, and scale SOLVER.BASE_LR by the same factor",
+            f"INPUT.MAX_SIZE_TRAIN (now {cfg.INPUT.MAX_SIZE_TRAIN}) / INPUT.MIN_SIZE_TRAIN "
+            f"(now {tuple(cfg.INPUT.MIN_SIZE_TRAIN)}): train on smaller images",
+            f"MODEL.DiffusionInst.NUM_PROPOSALS (now {d.NUM_PROPOSALS}): fewer boxes per image",
+            f"SOLVER.AMP.ENABLED (now {cfg.SOLVER.AMP.ENABLED}): True trains in mixed precision with less memory",
+        ]
+        tail = (f" The last checkpoint, {last_checkpoint}, is intact; rerun with --resume after changing the config."
+                if last_checkpoint else "")
+    else:
+        where = "during evaluation"
+        advice = [
+            f"INPUT.MAX_SIZE_TEST (now {cfg.INPUT.MAX_SIZE_TEST}) / INPUT.MIN_SIZE_TEST "
+            f"(now {cfg.INPUT.MIN_SIZE_TEST}): evaluate on smaller images",
+            f"MODEL.DiffusionInst.NUM_PROPOSALS (now {d.NUM_PROPOSALS}): fewer boxes per image",
+            f"TEST.AUG.ENABLED (now {cfg.TEST.AUG.ENABLED}): test-time augmentation runs many scales; disable it",
+            f"SOLVER.IMS_PER_BATCH (now {cfg.SOLVER.IMS_PER_BATCH}): if this happened during training's "
+            "evaluation, the training batch may hold memory; evaluate separately with --eval-only",
+        ]
+        tail = ""
+    message = (f"CUDA ran out of memory {where}. To use less memory, change: \n  - " + "\n  - ".join(advice)
+               + f"\n{tail}\n(PyTorch: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})")
+    return torch.cuda.OutOfMemoryError(message)
+
+
+def _json_safe(value: Any) -> Any:
+    """Nested results with NaN/Inf as null and tensors/numpy scalars as numbers (strict JSON)."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError):
+            return str(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (int, str, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def save_eval_results(results_by_dataset: Mapping[str, Any], root: str, **info: Any) -> list:
+    """Write each dataset's metrics to ``root/<dataset>/results.json`` (atomically) and append them as a line to
+    ``root/<dataset>/results_history.jsonl``; ``info`` (iteration, weights...) is stored alongside.
+
+    Returns the paths of the results.json files.
+    """
+    from .checkpoint import atomic_write
+
+    paths = []
+    for dataset, results in results_by_dataset.items():
+        folder = os.path.join(root, dataset)
+        os.makedirs(folder, exist_ok=True)
+        record = _json_safe({"dataset": dataset, **info,
+                             "time": datetime.datetime.now().isoformat(timespec="seconds"), "results": results})
+        path = os.path.join(folder, "results.json")
+        atomic_write(path, lambda f: json.dump(record, f, indent=2), binary=False, fsync=False)
+        with open(os.path.join(folder, "results_history.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        paths.append(path)
+    return paths
+
+
+class EvalHook(hooks.EvalHook):
+    """detectron2's EvalHook, except that the final evaluation runs only when training finished its schedule
+    (detectron2 also evaluates a run that failed in its last iteration)."""
+
+    def after_train(self):
+        if self.trainer.iter >= self.trainer.max_iter:  # TrainerBase.train leaves iter == max_iter only on success
+            self._do_eval()
+        del self._func
