@@ -77,6 +77,11 @@ def add_diffusioninst_config(cfg: CN) -> None:
     d.ENSEMBLE_LAST_STEP = True  # include the last step in the ensemble (False: the original's behaviour)
     d.INFERENCE_SEED = 0  # seeds each image's sampling noise from (seed, image_id) so evaluation is repeatable; -1: unseeded
 
+    # Filter denoising (beyond the paper, off by default; GETTING_STARTED.md section "Filter denoising").
+    d.FILTER_DENOISING = False  # diffuse each proposal's filters theta along with its box (same schedule and t)
+    d.FILTER_SIGNAL_RANGE = 4.0  # filters are clamped to +-this and mapped to +-SNR_SCALE as their diffusion signal
+    d.USE_BOX_LOSS = True  # L1 + GIoU box losses; False: no box losses, boxes are the extents of the predicted masks
+
     # Swin backbones.
     from .modeling.backbone.swin import add_swin_config
 
@@ -97,6 +102,11 @@ def add_diffusioninst_config(cfg: CN) -> None:
     cfg.DATASETS.SKIP_INVALID = False  # skip (with a warning) bad images and annotations of unknown images/classes
     cfg.DATASETS.CHECK_IMAGE_FILES = True  # at dataset load, check each listed image file exists (a stat per image)
     cfg.INPUT.CROP_RESIZE_SIZES = (400, 500, 600)  # shortest-edge sizes of the crop path before RandomCrop
+
+    # Mixed-precision inference (training uses detectron2's SOLVER.AMP.ENABLED).
+    cfg.TEST.AMP = CN()
+    cfg.TEST.AMP.ENABLED = False  # run backbone and decoder under torch.autocast at inference; boxes stay float32
+    cfg.TEST.AMP.DTYPE = "float16"  # autocast dtype: float16 or bfloat16 (bfloat16 also works on CPU)
 
     # Test-time augmentation (original keys).
     cfg.TEST.AUG.MIN_SIZES = (400, 500, 600, 640, 700, 900, 1000, 1100, 1200, 1300, 1400, 1800, 800)
@@ -314,6 +324,8 @@ def check_config(cfg: CN) -> None:
         problems.append(
             f"MODEL.DiffusionInst.SAMPLE_STEP ({d.SAMPLE_STEP}) cannot exceed NUM_TIMESTEPS ({d.NUM_TIMESTEPS})"
         )
+    if d.FILTER_SIGNAL_RANGE <= 0:
+        problems.append(f"MODEL.DiffusionInst.FILTER_SIGNAL_RANGE must be positive, got {d.FILTER_SIGNAL_RANGE}")
     if d.NHEADS < 1 or d.HIDDEN_DIM % d.NHEADS:
         problems.append(
             f"MODEL.DiffusionInst.HIDDEN_DIM ({d.HIDDEN_DIM}) must be divisible by NHEADS ({d.NHEADS})"
@@ -341,6 +353,8 @@ def check_config(cfg: CN) -> None:
                             ("TEST.EVAL_PERIOD", cfg.TEST.EVAL_PERIOD, 0)):
         if value < low:
             problems.append(f"{key} must be at least {low}, got {value}")
+    if cfg.TEST.AMP.ENABLED and cfg.TEST.AMP.DTYPE not in ("float16", "bfloat16"):
+        problems.append(f"TEST.AMP.DTYPE must be float16 or bfloat16, got {cfg.TEST.AMP.DTYPE!r}")
     if cfg.SOLVER.OPTIMIZER.upper() not in ("ADAMW", "SGD"):
         problems.append(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got {cfg.SOLVER.OPTIMIZER!r}")
     if cfg.MODEL_EMA.ENABLED and not 0.0 <= cfg.MODEL_EMA.DECAY < 1.0:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog, build_detection_train_loader
 from detectron2.modeling import build_model
-from detectron2.structures import Instances
+from detectron2.structures import Instances, pairwise_iou
 
 import reference_original as ref
 from conftest import tiny_cfg
@@ -167,3 +167,52 @@ def test_training_on_shapes_decreases_loss(shapes_root, monkeypatch):
     with torch.no_grad():
         outputs = model(batches[0])
     assert all(isinstance(o["instances"], Instances) for o in outputs)
+
+
+def test_sampler_schedule_follows_the_model_to_its_device():
+    """model.to(device) must move the DDIM schedule too (a plain attribute would stay on the CPU)."""
+    model = _eval_model()
+    assert not any(k.startswith("sampler.") for k in model.state_dict())
+    model.to("meta")
+    assert model.alphas_cumprod.device.type == "meta"
+    for name in ("alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod"):
+        assert getattr(model.sampler, name).device.type == "meta", name
+
+
+def test_bfloat16_autocast_inference_is_close_to_float32():
+    """TEST.AMP (here bfloat16, which runs on CPU): the same top detections up to half-precision noise, in float32."""
+    opts = ("TEST.DETECTIONS_PER_IMAGE", 10, "MODEL.DiffusionInst.USE_NMS", False)
+    fp32 = _eval_model(*opts)
+    bf16 = _eval_model(*opts, "TEST.AMP.ENABLED", True, "TEST.AMP.DTYPE", "bfloat16")
+    bf16.load_state_dict(fp32.state_dict())
+    x = _inputs()[:2]
+    init = torch.randn(2, fp32.num_proposals, 4, generator=torch.Generator().manual_seed(3))
+    a = fp32.inference(x, init_boxes=init, generators=[torch.Generator().manual_seed(i) for i in range(2)])
+    b = bf16.inference(x, init_boxes=init, generators=[torch.Generator().manual_seed(i) for i in range(2)])
+    for ra, rb in zip(a, b):
+        ia, ib = ra["instances"], rb["instances"]
+        assert ib.scores.dtype == torch.float32 and ib.pred_boxes.tensor.dtype == torch.float32
+        assert min(len(ia), len(ib)) >= 5  # empty boxes of the random model are dropped in either
+        torch.testing.assert_close(ib.scores[:5], ia.scores[:5], atol=0.03, rtol=0.0)
+        best_iou = pairwise_iou(ib.pred_boxes[:5], ia.pred_boxes).amax(1)
+        assert (best_iou > 0.8).float().mean() >= 0.8, best_iou
+
+
+@pytest.mark.parametrize("opts", [(), ("MODEL.DiffusionInst.FILTER_DENOISING", True, "MODEL.DiffusionInst.USE_BOX_LOSS", False)])
+def test_training_under_autocast_gives_float32_losses_and_gradients(opts):
+    """The SOLVER.AMP path (autocast; bfloat16 here, as it runs on CPU): finite float32 losses, gradients flow."""
+    from detectron2.structures import BitMasks, Boxes
+
+    model = build_model(tiny_cfg(*opts))
+    inst = Instances((96, 128))
+    masks = torch.zeros(2, 96, 128, dtype=torch.bool)
+    masks[0, 10:40, 20:50] = masks[1, 50:90, 60:120] = True
+    inst.gt_boxes = Boxes(torch.tensor([[20.0, 10.0, 50.0, 40.0], [60.0, 50.0, 120.0, 90.0]]))
+    inst.gt_classes = torch.tensor([0, 2])
+    inst.gt_masks = BitMasks(masks)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model([{"image": _image(96, 128, 0), "instances": inst}])
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values()), losses
+    sum(losses.values()).backward()
+    grad = model.head.head_series[0].controller.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -31,7 +31,8 @@ class SetCriterion(nn.Module):
     """Matches predictions to ground truth with the dynamic-k matcher at every stage and sums weighted losses.
 
     Loss keys: ``loss_ce``, ``loss_bbox``, ``loss_giou``, ``loss_masks`` for the last stage and the same with
-    ``_{i}`` for earlier stage i. Each term is normalised by the number of matched proposals.
+    ``_{i}`` for earlier stage i (no box terms with ``use_box_loss`` off). Each term is normalised by the number
+    of matched proposals.
     """
 
     def __init__(
@@ -51,6 +52,7 @@ class SetCriterion(nn.Module):
         mask_deep_supervision: bool = True,
         mask_head_layout: Tuple[int, int, int] = (8, 8, 3),
         mask_stride: int = 4,
+        use_box_loss: bool = True,
     ):
         super().__init__()
         if not (use_focal or use_fed_loss):
@@ -76,6 +78,7 @@ class SetCriterion(nn.Module):
         self.mask_deep_supervision = mask_deep_supervision
         self.mask_head_layout = mask_head_layout
         self.mask_stride = mask_stride
+        self.use_box_loss = use_box_loss
 
     def forward(
         self,
@@ -98,7 +101,8 @@ class SetCriterion(nn.Module):
             suffix = "" if last else f"_{s}"
             indices = self.matcher(pred_logits[s], pred_boxes[s], targets)
             stage = self.loss_labels(pred_logits[s], targets, indices)
-            stage.update(self.loss_boxes(pred_boxes[s], targets, indices))
+            if self.use_box_loss:
+                stage.update(self.loss_boxes(pred_boxes[s], targets, indices))
             if last or self.mask_deep_supervision:
                 stage.update(self.loss_masks(pred_filters[s], mask_feats, gt_masks, indices))
             losses.update({k + suffix: v * self.weight_dict[k] for k, v in stage.items()})
@@ -162,6 +166,7 @@ class SetCriterion(nn.Module):
         if len(qry) == 0:
             return {"loss_masks": filters.sum() * 0 + mask_feats.sum() * 0}
         in_ch, ch, layers = self.mask_head_layout
-        logits = dynamic_mask_logits(mask_feats, filters[img, qry], img, in_ch, ch, layers)
+        # The dice sums run over every cell: in float32 also under autocast.
+        logits = dynamic_mask_logits(mask_feats, filters[img, qry], img, in_ch, ch, layers).float()
         target = torch.cat([m[g.to(m.device)] for m, (_, g) in zip(gt_masks, indices)]).to(logits)
         return {"loss_masks": dice_loss(logits.sigmoid(), target).sum() / len(qry)}

@@ -1,4 +1,4 @@
-"""Gaussian diffusion of box signals: cosine schedule, forward corruption and DDIM updates (DiffusionDet)."""
+"""Gaussian diffusion of box (and, optionally, filter) signals: cosine schedule, forward corruption, DDIM updates."""
 from __future__ import annotations
 
 import math
@@ -21,6 +21,7 @@ __all__ = [
     "corrupt_boxes",
     "boxes_from_signal",
     "signal_from_boxes",
+    "signal_from_filters",
 ]
 
 
@@ -157,3 +158,9 @@ def signal_from_boxes(boxes: Tensor, scale: float) -> Tensor:
     x = box_xyxy_to_cxcywh(boxes)
     x = (x * 2 - 1.0) * scale
     return torch.clamp(x, min=-1 * scale, max=scale)
+
+
+def signal_from_filters(filters: Tensor, scale: float, filter_range: float) -> Tensor:
+    """Map instance filters theta (B, N, P), clamped to [-filter_range, filter_range], to a signal in [-scale, scale]."""
+    return torch.clamp(filters / filter_range, min=-1.0, max=1.0) * scale
+

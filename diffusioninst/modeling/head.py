@@ -16,7 +16,10 @@ from detectron2.structures import Boxes
 from torch import nn
 
 from .box_ops import apply_box_deltas
+from .diffusion import signal_from_filters
+from .dynamic_mask_head import dynamic_mask_logits
 from .mask_branch import MaskRefine, MaskTower
+from .postprocess import boxes_from_masks
 
 __all__ = ["SinusoidalTimeEmbedding", "DynamicInteraction", "DecoderStage", "DiffusionInstHead"]
 
@@ -119,11 +122,13 @@ class DecoderStage(nn.Module):
         boxes: torch.Tensor,
         pro_features: Optional[torch.Tensor],
         time_emb: torch.Tensor,
+        condition: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Refine B x N boxes once.
 
         roi_features (B*N, d, S, S) pooled for ``boxes`` (B, N, 4) abs xyxy; pro_features (B*N, d) from the
-        previous stage or None (first stage: mean of the RoI feature); time_emb (B, 4d).
+        previous stage or None (first stage: mean of the RoI feature); time_emb (B, 4d); condition (B*N, d), if
+        given, is added to the proposal features (filter denoising: the embedded filter signal).
         Returns class logits (B, N, K), boxes (B, N, 4), proposal features (B*N, d), filters (B, N, P).
         """
         b, n = boxes.shape[:2]
@@ -131,6 +136,8 @@ class DecoderStage(nn.Module):
         roi = roi_features.view(b * n, d, -1)
         if pro_features is None:
             pro_features = roi.mean(-1)
+        if condition is not None:
+            pro_features = pro_features + condition
         roi = roi.permute(0, 2, 1)
 
         # Self-attention among the N proposals of each image (sequence-first layout).
@@ -158,7 +165,8 @@ class DecoderStage(nn.Module):
         class_logits = self.class_logits(cls_feature)
         deltas = self.bboxes_delta(reg_feature)
         filters = self.controller(reg_feature)
-        pred_boxes = apply_box_deltas(deltas, boxes.reshape(-1, 4), self.bbox_weights, self.scale_clamp)
+        # Box arithmetic in float32 also under autocast: half-precision coordinates would be off by pixels.
+        pred_boxes = apply_box_deltas(deltas.float(), boxes.reshape(-1, 4).float(), self.bbox_weights, self.scale_clamp)
         return class_logits.view(b, n, -1), pred_boxes.view(b, n, 4), obj_features, filters.view(b, n, -1)
 
 
@@ -177,10 +185,22 @@ class DiffusionInstHead(nn.Module):
         mask_dim: int = 8,
         deep_supervision: bool = True,
         prior_prob: float = 0.01,
+        filter_denoising: bool = False,
+        boxes_from_masks: bool = False,
+        snr_scale: float = 2.0,
+        filter_range: float = 4.0,
+        mask_head_layout: Tuple[int, int, int] = (8, 8, 3),
+        mask_stride: int = 4,
     ):
         super().__init__()
         self.box_pooler = box_pooler
         self.head_series = nn.ModuleList([copy.deepcopy(stage) for _ in range(num_stages)])
+        # Filter denoising (beyond the paper): each stage embeds the filter signal it is given (the noisy state at
+        # the first stage, the previous stage's filters after it) into its proposal features.
+        self.filter_embed = (
+            nn.ModuleList([nn.Linear(stage.controller.out_features, hidden_dim) for _ in range(num_stages)])
+            if filter_denoising else None
+        )
         self.mask_refine = MaskRefine(num_mask_levels, hidden_dim, mask_branch_channels)
         self.mask_head = MaskTower(mask_branch_channels, mask_branch_num_convs, mask_dim)
         time_dim = hidden_dim * 4
@@ -191,7 +211,15 @@ class DiffusionInstHead(nn.Module):
             nn.Linear(time_dim, time_dim),
         )
         self.deep_supervision = deep_supervision
+        self.boxes_from_masks = boxes_from_masks
+        self.snr_scale = snr_scale
+        self.filter_range = filter_range
+        self.mask_head_layout = mask_head_layout
+        self.mask_stride = mask_stride
         self._reset_parameters(prior_prob)
+        if boxes_from_masks:  # the box regression is unused: its boxes come from the masks
+            for stage in self.head_series:
+                stage.bboxes_delta.requires_grad_(False)
 
     def _reset_parameters(self, prior_prob: float) -> None:
         """Xavier-uniform for every matrix; the focal prior only on the classification biases.
@@ -211,22 +239,55 @@ class DiffusionInstHead(nn.Module):
         return self.mask_head(self.mask_refine(features))
 
     def forward(
-        self, features: Sequence[torch.Tensor], boxes: torch.Tensor, t: torch.Tensor
+        self,
+        features: Sequence[torch.Tensor],
+        boxes: torch.Tensor,
+        t: torch.Tensor,
+        filter_signal: Optional[torch.Tensor] = None,
+        mask_feats: Optional[torch.Tensor] = None,
+        images_whwh: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run every stage on boxes (B, N, 4) abs xyxy at diffusion steps t (B,).
 
-        Returns class logits (S, B, N, K), boxes (S, B, N, 4) and filters (S, B, N, P), with S the number of
-        stages if deep supervision is on, else 1 (the last stage).
+        With filter denoising, ``filter_signal`` (B, N, P) is the noisy filter state (clamped to the signal range
+        here). With boxes from masks, ``mask_feats`` (B, c, h, w) and ``images_whwh`` (B, 4) give each stage's
+        boxes as the extent of its masks. Returns class logits (S, B, N, K), boxes (S, B, N, 4) and filters
+        (S, B, N, P), with S the number of stages if deep supervision is on, else 1 (the last stage).
         """
+        if (self.filter_embed is not None) != (filter_signal is not None):
+            raise ValueError("filter_signal must be given exactly when the head was built for filter denoising")
+        if self.boxes_from_masks and (mask_feats is None or images_whwh is None):
+            raise ValueError("boxes from masks need mask_feats and images_whwh")
         time_emb = self.time_mlp(t)
         pro_features = None
+        if filter_signal is not None:
+            filter_signal = torch.clamp(filter_signal, -self.snr_scale, self.snr_scale)
         outputs: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        for stage in self.head_series:
+        for i, stage in enumerate(self.head_series):
             roi_features = self.box_pooler(list(features), [Boxes(b) for b in boxes])
-            logits, boxes, pro_features, filters = stage(roi_features, boxes, pro_features, time_emb)
-            outputs.append((logits, boxes, filters))
-            boxes = boxes.detach()
+            condition = None
+            if self.filter_embed is not None:
+                condition = self.filter_embed[i](filter_signal.to(roi_features.dtype)).flatten(0, 1)
+            logits, pred_boxes, pro_features, filters = stage(roi_features, boxes, pro_features, time_emb, condition)
+            if self.boxes_from_masks:
+                pred_boxes = self._mask_boxes(mask_feats, filters, boxes, images_whwh)
+            outputs.append((logits, pred_boxes, filters))
+            boxes = pred_boxes.detach()
+            if self.filter_embed is not None:
+                filter_signal = signal_from_filters(filters.detach(), self.snr_scale, self.filter_range)
         if not self.deep_supervision:
             outputs = outputs[-1:]
         logits, pred_boxes, filters = (torch.stack(x) for x in zip(*outputs))
         return logits, pred_boxes, filters
+
+    @torch.no_grad()
+    def _mask_boxes(
+        self, mask_feats: torch.Tensor, filters: torch.Tensor, fallback: torch.Tensor, images_whwh: torch.Tensor
+    ) -> torch.Tensor:
+        """Boxes (B, N, 4) enclosing each proposal's mask (logit > 0) for filters (B, N, P), clipped to its image;
+        ``fallback`` (B, N, 4) where a mask is empty."""
+        b, n = filters.shape[:2]
+        image_index = torch.arange(b, device=filters.device).repeat_interleave(n)
+        logits = dynamic_mask_logits(mask_feats, filters.flatten(0, 1), image_index, *self.mask_head_layout)
+        boxes = boxes_from_masks(logits, self.mask_stride, fallback.flatten(0, 1).float()).view(b, n, 4)
+        return torch.minimum(boxes, images_whwh[:, None, :].float())

@@ -14,7 +14,7 @@ from torch import nn
 from ..data.datasets import class_image_count
 from .box_ops import box_xyxy_to_cxcywh
 from .criterion import SetCriterion
-from .diffusion import corrupt_boxes, diffusion_buffers, pad_boxes
+from .diffusion import corrupt_boxes, diffusion_buffers, pad_boxes, q_sample, signal_from_filters
 from .dynamic_mask_head import dynamic_mask_logits, num_mask_head_params
 from .head import DecoderStage, DiffusionInstHead
 from .losses import fed_loss_class_weights
@@ -32,7 +32,8 @@ class DiffusionInst(nn.Module):
 
     Training: ground-truth boxes padded with random boxes are noised at a random step t and refined by the
     decoder, whose filters theta drive the dynamic mask head over F_mask. Inference: boxes start as Gaussian
-    noise and are denoised by DDIM (``SAMPLE_STEP`` steps, box renewal, ensemble).
+    noise and are denoised by DDIM (``SAMPLE_STEP`` steps, box renewal, ensemble). With ``filter_denoising`` the
+    filters are part of the diffusion state too; with ``use_box_loss`` off, boxes are the extents of the masks.
     """
 
     @configurable
@@ -62,6 +63,10 @@ class DiffusionInst(nn.Module):
         mask_head_layout: Tuple[int, int, int] = (8, 8, 3),
         mask_threshold: float = 0.5,
         inference_seed: int = -1,
+        filter_denoising: bool = False,
+        filter_range: float = 4.0,
+        use_box_loss: bool = True,
+        inference_dtype: Optional[str] = None,
     ):
         super().__init__()
         if num_proposals < 1:
@@ -84,6 +89,7 @@ class DiffusionInst(nn.Module):
             num_timesteps=num_timesteps, sample_steps=sample_step, eta=ddim_eta, scale=snr_scale,
             box_renewal=box_renewal, renewal_threshold=renewal_threshold,
             use_ensemble=use_ensemble, ensemble_last_step=ensemble_last_step,
+            filter_range=filter_range if filter_denoising else None,
         )
         self.use_nms = use_nms
         self.nms_thresh = nms_thresh
@@ -91,6 +97,15 @@ class DiffusionInst(nn.Module):
         self.mask_head_layout = mask_head_layout
         self.mask_threshold = mask_threshold
         self.inference_seed = inference_seed
+        self.filter_denoising = filter_denoising
+        self.filter_range = filter_range
+        self.use_box_loss = use_box_loss
+        self.inference_dtype = getattr(torch, inference_dtype) if inference_dtype else None
+        self.num_mask_params = num_mask_head_params(*mask_head_layout)
+        if self.head.filter_embed is None and filter_denoising:
+            raise ValueError("filter_denoising needs a head built with filter_denoising=True")
+        if self.head.boxes_from_masks == use_box_loss:
+            raise ValueError("the head must derive boxes from masks exactly when the box losses are off")
 
     @classmethod
     def from_config(cls, cfg) -> dict:
@@ -116,6 +131,7 @@ class DiffusionInst(nn.Module):
         )
         use_fast_roi_align_backward(box_pooler)
         mask_layout = (d.MASK_DIM, d.MASK_HEAD_CHANNELS, d.MASK_HEAD_LAYERS)
+        mask_stride = shapes[d.MASK_IN_FEATURES[0]].stride
         stage = DecoderStage(
             d_model=d.HIDDEN_DIM,
             num_classes=d.NUM_CLASSES,
@@ -141,6 +157,12 @@ class DiffusionInst(nn.Module):
             mask_dim=d.MASK_DIM,
             deep_supervision=d.DEEP_SUPERVISION,
             prior_prob=d.PRIOR_PROB,
+            filter_denoising=d.FILTER_DENOISING,
+            boxes_from_masks=not d.USE_BOX_LOSS,
+            snr_scale=d.SNR_SCALE,
+            filter_range=d.FILTER_SIGNAL_RANGE,
+            mask_head_layout=mask_layout,
+            mask_stride=mask_stride,
         )
         matcher = DynamicKMatcher(
             cost_class=d.CLASS_WEIGHT, cost_bbox=d.L1_WEIGHT, cost_giou=d.GIOU_WEIGHT, ota_k=d.OTA_K,
@@ -156,7 +178,7 @@ class DiffusionInst(nn.Module):
             giou_weight=d.GIOU_WEIGHT, mask_weight=d.MASK_WEIGHT, focal_alpha=d.ALPHA, focal_gamma=d.GAMMA,
             use_focal=d.USE_FOCAL, use_fed_loss=d.USE_FED_LOSS, fed_loss_class_weights=fed_weights,
             fed_loss_num_classes=d.FED_LOSS_NUM_CLASSES, mask_deep_supervision=d.MASK_DEEP_SUPERVISION,
-            mask_head_layout=mask_layout, mask_stride=shapes[d.MASK_IN_FEATURES[0]].stride,
+            mask_head_layout=mask_layout, mask_stride=mask_stride, use_box_loss=d.USE_BOX_LOSS,
         )
         return {
             "backbone": backbone,
@@ -182,6 +204,10 @@ class DiffusionInst(nn.Module):
             "mask_head_layout": mask_layout,
             "mask_threshold": d.MASK_THRESHOLD,
             "inference_seed": d.INFERENCE_SEED,
+            "filter_denoising": d.FILTER_DENOISING,
+            "filter_range": d.FILTER_SIGNAL_RANGE,
+            "use_box_loss": d.USE_BOX_LOSS,
+            "inference_dtype": cfg.TEST.AMP.DTYPE if cfg.TEST.AMP.ENABLED else None,
         }
 
     @property
@@ -209,7 +235,8 @@ class DiffusionInst(nn.Module):
         features, mask_feats = self.extract_features(images)
         targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], whwh)
         boxes, t = self.noisy_boxes(targets, whwh)
-        logits, pred_boxes, filters = self.head(features, boxes, t)
+        filter_signal = self.noisy_filters(features, mask_feats, boxes, t, whwh) if self.filter_denoising else None
+        logits, pred_boxes, filters = self.head(features, boxes, t, filter_signal, mask_feats, whwh)
         return self.criterion(logits, pred_boxes, filters, mask_feats, targets)
 
     def prepare_targets(self, gt_instances: List[Instances], whwh: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
@@ -225,6 +252,9 @@ class DiffusionInst(nn.Module):
             h, w = inst.image_size
             masks = inst.gt_masks.tensor if inst.has("gt_masks") else torch.zeros((0, h, w), device=self.device)
             boxes_xyxy = inst.gt_boxes.tensor
+            if not self.use_box_loss and inst.has("gt_masks"):  # boxes are the masks' extents, as predicted ones
+                from_masks = inst.gt_masks.get_bounding_boxes().tensor.to(boxes_xyxy)
+                boxes_xyxy = torch.where(masks.flatten(1).any(1)[:, None], from_masks, boxes_xyxy)
             targets.append({
                 "labels": labels,
                 "boxes_xyxy": boxes_xyxy,
@@ -244,6 +274,20 @@ class DiffusionInst(nn.Module):
         return boxes.float() * whwh[:, None, :], t
 
     @torch.no_grad()
+    def noisy_filters(
+        self, features: List[torch.Tensor], mask_feats: torch.Tensor, boxes: torch.Tensor, t: torch.Tensor,
+        whwh: torch.Tensor,
+    ) -> torch.Tensor:
+        """Filter signal at steps t (B, N, P) for filter denoising: the decoder's own last-stage filters for these
+        boxes, decoded from pure filter noise (as at the first sampling step) and detached, noised to step t."""
+        batch = boxes.shape[0]
+        noise = torch.randn((batch, self.num_proposals, self.num_mask_params), device=self.device)
+        _, _, filters = self.head(features, boxes, t, noise, mask_feats, whwh)
+        x_start = signal_from_filters(filters[-1].float(), self.scale, self.filter_range)
+        x = q_sample(x_start, t, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod, torch.randn_like(x_start))
+        return x.to(x_start.dtype)
+
+    @torch.no_grad()
     def inference(
         self,
         batched_inputs: List[Dict],
@@ -256,6 +300,7 @@ class DiffusionInst(nn.Module):
         ``init_boxes`` (B, N, 4): the initial box signal x_T (default: N(0, I)); ``generators``: one
         ``torch.Generator`` per image for all sampling noise. With either, results are reproducible; without
         them, ``inference_seed`` >= 0 seeds each image's generator from its ``image_id`` (else ``file_name``).
+        With filter denoising, the initial filter signal (B, N, P) is drawn after ``init_boxes``, from the same generators.
         Images are batched with the others of the same padded size, so each result equals the one the image
         gets alone: padding a small image up to a larger one's size would change its border features.
         """
@@ -263,13 +308,17 @@ class DiffusionInst(nn.Module):
             raise ValueError(f"got {len(generators)} generators for {len(batched_inputs)} images")
         if generators is None and self.inference_seed >= 0:
             generators = [self._image_generator(x) for x in batched_inputs]
+        batch = len(batched_inputs)
         if init_boxes is None:
-            init_boxes = self.sampler.initial_boxes(len(batched_inputs), self.num_proposals, self.device, generators)
-        if init_boxes.shape != (len(batched_inputs), self.num_proposals, 4):
+            init_boxes = self.sampler.initial_signal((batch, self.num_proposals, 4), self.device, generators)
+        if init_boxes.shape != (batch, self.num_proposals, 4):
             raise ValueError(
-                f"init_boxes must have shape {(len(batched_inputs), self.num_proposals, 4)}, got {tuple(init_boxes.shape)}"
+                f"init_boxes must have shape {(batch, self.num_proposals, 4)}, got {tuple(init_boxes.shape)}"
             )
-        init_boxes = init_boxes.to(self.device)
+        x_init = init_boxes.to(self.device)
+        if self.filter_denoising:
+            filters = self.sampler.initial_signal((batch, self.num_proposals, self.num_mask_params), self.device, generators)
+            x_init = torch.cat([x_init, filters.to(self.device)], dim=-1)
         groups: Dict[Tuple[int, int], List[int]] = {}
         for i, x in enumerate(batched_inputs):
             groups.setdefault(self._padded_size(x["image"].shape[-2:]), []).append(i)
@@ -277,7 +326,7 @@ class DiffusionInst(nn.Module):
         for idx in groups.values():
             outputs = self._inference_same_size(
                 [batched_inputs[i] for i in idx],
-                init_boxes[idx],
+                x_init[idx],
                 None if generators is None else [generators[i] for i in idx],
                 do_postprocess,
             )
@@ -296,16 +345,19 @@ class DiffusionInst(nn.Module):
         d = max(self.backbone.size_divisibility, 1)
         return (-(-int(size[0]) // d) * d, -(-int(size[1]) // d) * d)
 
-    def _inference_same_size(self, batched_inputs, init_boxes, generators, do_postprocess):
-        """Inference for images that share one padded size: one backbone pass, one batched DDIM loop."""
+    def _inference_same_size(self, batched_inputs, x_init, generators, do_postprocess):
+        """Inference for images that share one padded size: one backbone pass, one batched DDIM loop from x_init."""
         images, whwh = self.preprocess_image(batched_inputs)
-        features, mask_feats = self.extract_features(images)
+        with torch.autocast(self.device.type, dtype=self.inference_dtype or torch.float16,
+                            enabled=self.inference_dtype is not None):
+            features, mask_feats = self.extract_features(images)
 
-        def decode(boxes: torch.Tensor, t: torch.Tensor):
-            logits, pred_boxes, filters = self.head(features, boxes, t)
-            return logits[-1], pred_boxes[-1], filters[-1]
+            def decode(boxes: torch.Tensor, filter_signal: Optional[torch.Tensor], t: torch.Tensor):
+                logits, pred_boxes, filters = self.head(features, boxes, t, filter_signal, mask_feats, whwh)
+                return logits[-1].float(), pred_boxes[-1].float(), filters[-1].float()
 
-        steps = self.sampler.sample(decode, whwh, init_boxes, generators)
+            steps = self.sampler.sample(decode, whwh, x_init, generators)
+        mask_feats = mask_feats.float()
         processed = []
         for b, (x, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
             candidates = [select_topk(lg[b], bx[b], fl[b], self.num_proposals) for lg, bx, fl in steps]

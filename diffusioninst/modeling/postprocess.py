@@ -9,7 +9,7 @@ from detectron2.layers import batched_nms
 
 from .mask_branch import aligned_bilinear
 
-__all__ = ["select_topk", "nms_and_cap", "masks_to_image", "box_region_masks"]
+__all__ = ["select_topk", "nms_and_cap", "masks_to_image", "box_region_masks", "boxes_from_masks"]
 
 
 def select_topk(
@@ -71,3 +71,19 @@ def masks_to_image(
         region = box_region_masks(boxes[start : start + chunk], out_h, out_w)
         result[start : start + chunk] = (full > threshold) & region
     return result
+
+
+def boxes_from_masks(mask_logits: torch.Tensor, stride: int, fallback: torch.Tensor) -> torch.Tensor:
+    """Abs xyxy boxes (M, 4) enclosing the cells with logit > 0 of masks (M, h, w) at ``stride``; ``fallback`` (M, 4)
+    where a mask is empty. Cell (i, j) covers pixels [stride*j, stride*(j+1)) x [stride*i, stride*(i+1))."""
+    positive = mask_logits > 0
+    rows, cols = positive.any(2), positive.any(1)
+    h, w = mask_logits.shape[-2:]
+    ys = torch.arange(h, device=mask_logits.device)
+    xs = torch.arange(w, device=mask_logits.device)
+    y1 = torch.where(rows, ys, h).amin(1)
+    y2 = torch.where(rows, ys, -1).amax(1) + 1
+    x1 = torch.where(cols, xs, w).amin(1)
+    x2 = torch.where(cols, xs, -1).amax(1) + 1
+    boxes = torch.stack([x1, y1, x2, y2], dim=1).to(fallback.dtype) * stride
+    return torch.where(rows.any(1)[:, None], boxes, fallback)

@@ -87,12 +87,14 @@ class _RoIAlignFastBackward(torch.autograd.Function):
         (rois,) = ctx.saved_tensors
         shape, output_size, spatial_scale, sampling_ratio, aligned = ctx.args
         b, c, h, w = shape
-        matrix = roi_align_matrix(rois.to(grad_out.dtype), (b, h, w), output_size, spatial_scale, sampling_ratio, aligned)
-        grad = grad_out.permute(0, 2, 3, 1).reshape(-1, c)
+        # Sparse CPU kernels exist for float32/float64 only: reduced-precision gradients are accumulated in float32.
+        dtype = grad_out.dtype if grad_out.dtype in (torch.float32, torch.float64) else torch.float32
+        matrix = roi_align_matrix(rois.to(dtype), (b, h, w), output_size, spatial_scale, sampling_ratio, aligned)
+        grad = grad_out.permute(0, 2, 3, 1).reshape(-1, c).to(dtype)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Ss]parse.*beta.*")
             grad_features = matrix.t().to_sparse_csr() @ grad
-        return grad_features.view(b, h, w, c).permute(0, 3, 1, 2), None, None, None, None, None
+        return grad_features.view(b, h, w, c).permute(0, 3, 1, 2).to(grad_out.dtype), None, None, None, None, None
 
 
 def roi_align_fast_backward(

@@ -1,25 +1,36 @@
-"""DDIM sampling of boxes with box renewal and the multi-step ensemble (DiffusionDet's inference)."""
+"""DDIM sampling of boxes (and, with filter denoising, filters) with box renewal and the multi-step ensemble."""
 from __future__ import annotations
 
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 
-from .diffusion import boxes_from_signal, ddim_step, ddim_time_pairs, predict_noise_from_start, signal_from_boxes
+from .diffusion import (
+    boxes_from_signal,
+    ddim_step,
+    ddim_time_pairs,
+    predict_noise_from_start,
+    signal_from_boxes,
+    signal_from_filters,
+)
 
 __all__ = ["DDIMSampler", "StepOutput"]
 
 StepOutput = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """Last-stage outputs of one step: class logits (B, N, K), boxes (B, N, 4) abs xyxy, filters (B, N, P)."""
 
-DecodeFn = Callable[[torch.Tensor, torch.Tensor], StepOutput]
+DecodeFn = Callable[[torch.Tensor, Optional[torch.Tensor], torch.Tensor], StepOutput]
 
 
-class DDIMSampler:
+class DDIMSampler(nn.Module):
     """Runs the decoder from Gaussian boxes to predictions over ``sample_steps`` DDIM steps.
 
     With more than one step, the predictions of every step are returned for ensembling (the original release
-    leaves out the last step, DiffusionDet issue #56; ``ensemble_last_step=False`` restores that).
+    leaves out the last step, DiffusionDet issue #56; ``ensemble_last_step=False`` restores that). With
+    ``filter_range`` set (filter denoising), the state holds each proposal's filter signal after its 4 box values,
+    and filters go through the same DDIM updates and renewal as boxes. The schedule tensors are non-persistent
+    buffers, so they follow the model to its device and stay out of its state dict.
     """
 
     def __init__(
@@ -35,12 +46,14 @@ class DDIMSampler:
         renewal_threshold: float = 0.5,
         use_ensemble: bool = True,
         ensemble_last_step: bool = True,
+        filter_range: Optional[float] = None,
     ):
         if not 1 <= sample_steps <= num_timesteps:
             raise ValueError(f"MODEL.DiffusionInst.SAMPLE_STEP must be in [1, {num_timesteps}], got {sample_steps}")
-        self.alphas_cumprod = alphas_cumprod
-        self.sqrt_recip_alphas_cumprod = sqrt_recip_alphas_cumprod
-        self.sqrt_recipm1_alphas_cumprod = sqrt_recipm1_alphas_cumprod
+        super().__init__()
+        self.register_buffer("alphas_cumprod", alphas_cumprod.clone(), persistent=False)
+        self.register_buffer("sqrt_recip_alphas_cumprod", sqrt_recip_alphas_cumprod.clone(), persistent=False)
+        self.register_buffer("sqrt_recipm1_alphas_cumprod", sqrt_recipm1_alphas_cumprod.clone(), persistent=False)
         self.time_pairs = ddim_time_pairs(num_timesteps, sample_steps)
         self.eta = eta
         self.scale = scale
@@ -48,6 +61,7 @@ class DDIMSampler:
         self.renewal_threshold = renewal_threshold
         self.ensemble = use_ensemble and sample_steps > 1
         self.ensemble_last_step = ensemble_last_step
+        self.filter_range = filter_range
 
     @staticmethod
     def _randn(shape: Tuple[int, ...], generators: Optional[Sequence[torch.Generator]], like: torch.Tensor) -> torch.Tensor:
@@ -58,11 +72,11 @@ class DDIMSampler:
             [torch.randn(shape[1:], generator=g, device=g.device).to(like.device) for g in generators]
         )
 
-    def initial_boxes(
-        self, batch: int, num_proposals: int, device: torch.device, generators: Optional[Sequence[torch.Generator]]
+    def initial_signal(
+        self, shape: Tuple[int, ...], device: torch.device, generators: Optional[Sequence[torch.Generator]]
     ) -> torch.Tensor:
-        """Box signal x_T ~ N(0, I) of shape (B, N, 4)."""
-        return self._randn((batch, num_proposals, 4), generators, torch.empty(0, device=device))
+        """x_T ~ N(0, I) of ``shape`` (B, N, D): D = 4 for the box signal, P for the filter signal."""
+        return self._randn(shape, generators, torch.empty(0, device=device))
 
     @torch.no_grad()
     def sample(
@@ -72,24 +86,28 @@ class DDIMSampler:
         x: torch.Tensor,
         generators: Optional[Sequence[torch.Generator]] = None,
     ) -> List[StepOutput]:
-        """Denoise the box signal x (B, N, 4); returns the step outputs whose predictions form the result.
+        """Denoise the signal x (B, N, D); returns the step outputs whose predictions form the result.
 
-        ``decode(boxes_abs_xyxy (B, N, 4), t (B,))`` runs the decoder. ``generators`` (one per image) make the
-        renewal and DDIM noise of each image independent of the batch it is in.
+        D is 4 (the box signal), or 4 + P with filter denoising (box signal, then filter signal).
+        ``decode(boxes_abs_xyxy (B, N, 4), filter_signal (B, N, P) or None, t (B,))`` runs the decoder.
+        ``generators`` (one per image) make the renewal and DDIM noise of each image independent of its batch.
         """
-        batch, num_proposals = x.shape[:2]
+        batch = x.shape[0]
         whwh = images_whwh[:, None, :]
         outputs: List[StepOutput] = []
         for t, t_next in self.time_pairs:
             time = torch.full((batch,), t, device=x.device, dtype=torch.long)
-            boxes_in = (boxes_from_signal(x, self.scale) * whwh).to(images_whwh.dtype)
-            logits, boxes, filters = decode(boxes_in, time)
+            boxes_in = (boxes_from_signal(x[..., :4], self.scale) * whwh).to(images_whwh.dtype)
+            filters_in = x[..., 4:] if self.filter_range is not None else None
+            logits, boxes, filters = decode(boxes_in, filters_in, time)
             last = t_next < 0
             if self._contributes(last):
                 outputs.append((logits, boxes, filters))
             if last:
                 break
             x_start = signal_from_boxes(boxes / whwh, self.scale)
+            if self.filter_range is not None:
+                x_start = torch.cat([x_start, signal_from_filters(filters, self.scale, self.filter_range).to(x_start)], -1)
             pred_noise = predict_noise_from_start(
                 x, time, x_start, self.sqrt_recip_alphas_cumprod, self.sqrt_recipm1_alphas_cumprod
             )
@@ -103,20 +121,20 @@ class DDIMSampler:
         return self.ensemble_last_step or not last
 
     def _next_signal(self, x, x_start, pred_noise, logits, t: int, t_next: int, generators) -> torch.Tensor:
-        """DDIM update of the kept boxes, followed (with box renewal) by fresh noise for the dropped ones.
+        """DDIM update of the kept proposals' signals (B, N, D), then (with box renewal) fresh noise for the others.
 
         As in the original, the DDIM noise has the dtype of the current signal x and the refill is float32.
         """
-        batch, num_proposals = x_start.shape[:2]
+        batch, num_proposals, dim = x_start.shape
         alpha, alpha_next = self.alphas_cumprod[t], self.alphas_cumprod[t_next]
         if self.box_renewal:
             keep = logits.sigmoid().amax(-1) > self.renewal_threshold
         else:
             keep = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
-        # Kept boxes first, in their original order; the rest is refilled.
+        # Kept proposals first, in their original order; the rest is refilled.
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-        x_start = torch.gather(x_start, 1, order[..., None].expand(-1, -1, 4))
-        pred_noise = torch.gather(pred_noise, 1, order[..., None].expand(-1, -1, 4))
+        x_start = torch.gather(x_start, 1, order[..., None].expand(-1, -1, dim))
+        pred_noise = torch.gather(pred_noise, 1, order[..., None].expand(-1, -1, dim))
         num_keep = keep.sum(1)
         if generators is None:
             noise = torch.randn(x_start.shape, dtype=x.dtype, device=x.device)
@@ -126,8 +144,8 @@ class DDIMSampler:
             refill = torch.zeros(x_start.shape, dtype=torch.float32, device=x.device)
             for b, g in enumerate(generators):
                 k = int(num_keep[b])
-                noise[b, :k] = torch.randn((k, 4), generator=g, dtype=x.dtype, device=g.device).to(x.device)
-                refill[b, k:] = torch.randn((num_proposals - k, 4), generator=g, device=g.device).to(x.device)
+                noise[b, :k] = torch.randn((k, dim), generator=g, dtype=x.dtype, device=g.device).to(x.device)
+                refill[b, k:] = torch.randn((num_proposals - k, dim), generator=g, device=g.device).to(x.device)
         x_next = ddim_step(x_start, pred_noise, alpha, alpha_next, self.eta, noise)
         is_kept = torch.arange(num_proposals, device=x_next.device)[None, :] < num_keep[:, None]
         return torch.where(is_kept[..., None], x_next, refill.to(x_next.dtype))
