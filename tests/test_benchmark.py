@@ -13,6 +13,7 @@ import torch
 from detectron2.modeling import build_model
 
 from conftest import CONFIGS, ROOT, TINY_OPTS, tiny_cfg
+from diffusioninst.modeling.meta_arch import DiffusionInst
 
 CONFIG = str(CONFIGS / "diffinst.shapes.res18.cpu.yaml")
 BENCHMARK = str(ROOT / "tools" / "benchmark.py")
@@ -70,12 +71,20 @@ def check_results(results: dict, batch_size: int = 2) -> None:
         check_breakdown(e["breakdown_ms"])
     assert _positive(results["speedup_batch1"])
 
-    t = results["train"]
+    check_train_entry(results["train"], "ours", batch_size, calls=1)
+    check_train_entry(results["train_original"], "original", batch_size, calls=1)
+    assert math.isclose(results["speedup_train"], results["train_original"]["median_s"] / results["train"]["median_s"])
+
+
+def check_train_entry(t: dict, impl: str, batch_size: int, calls: int) -> None:
+    """One implementation's training timing: positive, finite times, split parts within the iteration, memory."""
+    assert t["impl"] == impl and t["calls"] == calls and len(t["times_s"]) == calls
     assert t["batch_size"] == batch_size and _positive(t["s_per_iter"]) and math.isfinite(t["last_loss"])
+    assert t["s_per_iter"] == t["median_s"] and t["min_s"] <= t["median_s"] <= t["max_s"]
     assert _positive(t["memory"]["peak_mb"]) and _non_negative(t["memory"]["increase_mb"])
     assert set(t["split_ms"]) == {"forward", "backward", "optimizer_step"}
     assert all(_positive(v) for v in t["split_ms"].values())
-    assert sum(t["split_ms"].values()) <= 1000 * t["s_per_iter"] * 1.01 + 0.05
+    assert sum(t["split_ms"].values()) <= 1000 * t["max_s"] * 1.01 + 0.05
 
 
 def test_run_benchmark_random_inputs_both_impls_all_modes(one_thread):
@@ -84,7 +93,8 @@ def test_run_benchmark_random_inputs_both_impls_all_modes(one_thread):
     check_results(results)
     assert results["settings"]["inference_inputs"] == "3x64x96 uint8"
     report = bench.format_report(results)
-    for text in ("Inference on", "speed-up at batch 1", "Breakdown of one call", "original b1", "Training on", "random init"):
+    for text in ("Inference on", "speed-up at batch 1", "Breakdown of one call", "original b1", "Training on",
+                 "random init", "speed-up of a training iteration"):
         assert text in report
 
 
@@ -118,3 +128,45 @@ def test_instrumentation_is_removed_after_the_call(one_thread):
     assert (meta_arch.dynamic_mask_logits, meta_arch.masks_to_image, ref.head_forward, ref.stage_forward) == before
     assert "mask_features" not in vars(model.head) and "preprocess_image" not in vars(model)
     assert not model.backbone._forward_hooks and not model.backbone._forward_pre_hooks and not model.head._forward_hooks
+
+
+def test_train_mode_times_both_impls_interleaved_on_the_same_batch(one_thread, monkeypatch):
+    """--mode train --impl both: ours and the original alternate, each on the same inputs; table and speed-up."""
+    ref = bench.load_reference()
+    order, batches = [], []
+    original_forward = ref.original_training_forward
+    ours_forward = DiffusionInst.forward
+
+    def spy_original(model, inputs):
+        order.append("original")
+        batches.append([id(x["image"]) for x in inputs])
+        return original_forward(model, inputs)
+
+    def spy_ours(self, inputs):
+        if self.training:
+            order.append("ours")
+            batches.append([id(x["image"]) for x in inputs])
+        return ours_forward(self, inputs)
+
+    monkeypatch.setattr(ref, "original_training_forward", spy_original)
+    monkeypatch.setattr(DiffusionInst, "forward", spy_ours)
+    results = bench.run_benchmark(CONFIG, TINY_OPTS, mode="train", impl="both", batch_size=2, warmup=1, repeats=2,
+                                  image_size=(64, 96), threads=1)
+    json.dumps(results, allow_nan=False)
+    assert "inference" not in results and "speedup_batch1" not in results
+    assert order == ["ours", "original"] * 3
+    assert len({tuple(b) for b in batches}) == 1 and len(batches[0]) == 2
+    check_train_entry(results["train"], "ours", 2, calls=2)
+    check_train_entry(results["train_original"], "original", 2, calls=2)
+    assert math.isclose(results["speedup_train"], results["train_original"]["median_s"] / results["train"]["median_s"])
+    report = bench.format_report(results)
+    rows = [line.split()[0] for line in report.splitlines() if line.split()[:1] in (["ours"], ["original"])]
+    assert rows == ["ours", "original"] and "speed-up of a training iteration" in report
+
+
+def test_train_mode_original_only(one_thread):
+    results = bench.run_benchmark(CONFIG, TINY_OPTS, mode="train", impl="original", batch_size=2, warmup=0,
+                                  repeats=1, image_size=(64, 96), threads=1)
+    assert "train" not in results and "speedup_train" not in results
+    check_train_entry(results["train_original"], "original", 2, calls=1)
+    assert "Training on" in bench.format_report(results)

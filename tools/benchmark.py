@@ -9,7 +9,9 @@ after warm-up calls, over N timed calls (median, min/max, IQR), with peak memory
 (preprocess, backbone+FPN, mask branch, decoder over all DDIM steps, everything after the decoder) measured by
 wrapping the model's own calls with timers in separate, instrumented calls. ``--impl original`` runs the original
 release's inference as re-stated in ``tests/reference_original.py`` (batch 1 only) on the same weights and initial
-boxes. Training: s/iteration (forward, backward, optimizer step from ``diffusioninst.build_optimizer``) and peak memory.
+boxes. Training: s/iteration (forward, backward, optimizer step from ``diffusioninst.build_optimizer``) and peak memory;
+``--impl original`` trains with the original release's loss computation as re-stated in the same file
+(``original_training_forward``: per-image noising, matcher loops, losses, stock RoIAlign) on the same model and batch.
 Weights come from MODEL.WEIGHTS; with MODEL.WEIGHTS "" they are a random init, and the detection counts (hence the
 post-processing time) are not those of a trained model.
 """
@@ -486,17 +488,38 @@ def bench_inference(
     ]
 
 
+def train_forwards(
+    model: nn.Module, inputs: Sequence[Dict[str, Any]], impls: Sequence[str]
+) -> Dict[str, Callable[[], Dict[str, torch.Tensor]]]:
+    """Per implementation, a training forward on the batch -> weighted losses (both include the noising of boxes)."""
+    forwards: Dict[str, Callable[[], Dict[str, torch.Tensor]]] = {}
+    for impl in impls:
+        if impl == "ours":
+            forwards[impl] = lambda: model(list(inputs))
+        else:
+            ref = load_reference()
+            forwards[impl] = lambda ref=ref: ref.original_training_forward(model, list(inputs))
+    return forwards
+
+
 def bench_train(
-    model: nn.Module, cfg: CfgNode, inputs: Sequence[Dict[str, Any]], warmup: int, repeats: int
-) -> Dict[str, Any]:
-    """Timed training iterations on one fixed batch: forward (losses summed), backward, optimizer step."""
+    model: nn.Module, cfg: CfgNode, inputs: Sequence[Dict[str, Any]], warmup: int, repeats: int,
+    impls: Sequence[str] = ("ours",),
+) -> Dict[str, Dict[str, Any]]:
+    """Timed training iterations of each implementation on one fixed batch: forward (losses summed), backward, step.
+
+    Every implementation trains the same model with the same optimizer (``diffusioninst.build_optimizer``), and
+    their iterations are interleaved (warm-up of all, then round r of each, ...) so that a change in the machine's
+    load affects them alike. Returns one entry per implementation, keyed by its name.
+    """
     device = model.device
     optimizer = build_optimizer(cfg, model)
-    split: Dict[str, List[float]] = defaultdict(list)
+    forwards = train_forwards(model, inputs, impls)
+    split: Dict[str, Dict[str, List[float]]] = {impl: defaultdict(list) for impl in impls}
 
-    def step() -> float:
+    def step(impl: str) -> float:
         t0 = time.perf_counter()
-        losses = model(list(inputs))
+        losses = forwards[impl]()
         total = sum(losses.values())
         synchronize(device)
         t1 = time.perf_counter()
@@ -507,24 +530,32 @@ def bench_train(
         optimizer.step()
         synchronize(device)
         t3 = time.perf_counter()
-        split["forward"].append(t1 - t0)
-        split["backward"].append(t2 - t1)
-        split["optimizer_step"].append(t3 - t2)
+        split[impl]["forward"].append(t1 - t0)
+        split[impl]["backward"].append(t2 - t1)
+        split[impl]["optimizer_step"].append(t3 - t2)
         return float(total.detach())
 
+    runs: Dict[str, List[Tuple[float, Any, Dict[str, Any]]]] = defaultdict(list)
     model.train()
     try:
         for _ in range(warmup):
-            step()
-        split.clear()
-        runs = [timed_call(step, device) for _ in range(repeats)]
+            for impl in impls:
+                step(impl)
+        for times in split.values():
+            times.clear()
+        for _ in range(repeats):
+            for impl in impls:
+                runs[impl].append(timed_call(lambda impl=impl: step(impl), device))
     finally:
         model.eval()
-    entry = {"batch_size": len(inputs), **summarize([r[0] for r in runs], len(inputs)),
-             "memory": merge_memory([r[2] for r in runs]), "last_loss": runs[-1][1]}
-    entry["s_per_iter"] = entry["median_s"]
-    entry["split_ms"] = {k: 1000.0 * statistics.median(v) for k, v in split.items()}
-    return entry
+    entries = {}
+    for impl in impls:
+        entry = {"impl": impl, "batch_size": len(inputs), **summarize([r[0] for r in runs[impl]], len(inputs)),
+                 "memory": merge_memory([r[2] for r in runs[impl]]), "last_loss": runs[impl][-1][1]}
+        entry["s_per_iter"] = entry["median_s"]
+        entry["split_ms"] = {k: 1000.0 * statistics.median(v) for k, v in split[impl].items()}
+        entries[impl] = entry
+    return entries
 
 
 def run_benchmark(
@@ -578,7 +609,13 @@ def run_benchmark(
         else:
             train_inputs = random_training_inputs(batch_size, image_size, d.NUM_CLASSES, seed)
         results["settings"]["train_inputs"] = describe_inputs(train_inputs)
-        results["train"] = bench_train(model, cfg, train_inputs, warmup, repeats)
+        impls = ["ours", "original"] if impl == "both" else [impl]
+        entries = bench_train(model, cfg, train_inputs, warmup, repeats, impls)
+        for name, key in (("ours", "train"), ("original", "train_original")):
+            if name in entries:
+                results[key] = entries[name]
+        if len(entries) == 2:
+            results["speedup_train"] = entries["original"]["median_s"] / entries["ours"]["median_s"]
     return results
 
 
@@ -620,14 +657,21 @@ def format_report(results: Dict[str, Any]) -> str:
             lines.append(f"speed-up at batch 1 (original / ours, same run, same weights and initial boxes): "
                          f"{results['speedup_batch1']:.2f}x")
         lines += _format_breakdowns(results["inference"])
-    if "train" in results:
-        t = results["train"]
-        sp = t["split_ms"]
-        lines += ["", f"Training on {s['train_inputs']}, batch {t['batch_size']} (memory: {t['memory']['method']})",
-                  f"s/iter {t['median_s']:.3f} [{t['min_s']:.3f}..{t['max_s']:.3f}], "
-                  f"forward {sp['forward']:.0f} ms, backward {sp['backward']:.0f} ms, "
-                  f"optimizer step {sp['optimizer_step']:.0f} ms; "
-                  f"peak {t['memory']['peak_mb']:.0f} MB (+{t['memory']['increase_mb']:.0f} MB); loss {t['last_loss']:.3f}"]
+    train = [results[k] for k in ("train", "train_original") if k in results]
+    if train:
+        lines += ["", f"Training on {s['train_inputs']}, batch {train[0]['batch_size']} "
+                  f"(memory: {train[0]['memory']['method']}; +MB: peak minus the value before the iteration)",
+                  f"{'impl':<9}{'s/iter [min..max]':>24}{'forward ms':>12}{'backward ms':>13}{'step ms':>9}"
+                  f"{'peak MB':>10}{'+MB':>8}{'loss':>9}"]
+        for t in train:
+            sp = t["split_ms"]
+            it = f"{t['median_s']:.3f} [{t['min_s']:.3f}..{t['max_s']:.3f}]"
+            lines.append(f"{t['impl']:<9}{it:>24}{sp['forward']:>12.0f}{sp['backward']:>13.0f}"
+                         f"{sp['optimizer_step']:>9.0f}{t['memory']['peak_mb']:>10.0f}"
+                         f"{t['memory']['increase_mb']:>8.0f}{t['last_loss']:>9.3f}")
+        if "speedup_train" in results:
+            lines.append(f"speed-up of a training iteration (original / ours, same run, same model, batch and "
+                         f"optimizer): {results['speedup_train']:.2f}x")
     return "\n".join(lines)
 
 
@@ -656,7 +700,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--mode", choices=("inference", "train", "all"), default="inference")
     parser.add_argument("--impl", choices=("ours", "original", "both"), default="ours",
-                        help="inference code path: this package's, the original release's (batch 1), or both")
+                        help="code path: this package's, the original release's (inference: batch 1), or both")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="inference batch besides batch 1 (always timed); the training batch")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
