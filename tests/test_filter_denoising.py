@@ -134,12 +134,24 @@ def test_head_shapes_and_parameters(variant):
         torch.testing.assert_close(pred_boxes[0], torch.minimum(expected, whwh[:, None, :]))
 
 
-def test_filter_signal_changes_the_prediction():
+def test_filter_embeddings_start_at_zero_then_the_signal_steers_the_prediction():
+    """Zero-initialised embeddings: the untrained model is the paper's; once they are non-zero the filters matter."""
     model = _model(*FILTERS).eval()
+    paper = _model().eval()
+    incompatible = model.load_state_dict(paper.state_dict(), strict=False)
+    assert set(incompatible.missing_keys) == {k for k in model.state_dict() if k.startswith("head.filter_embed.")}
     images, whwh = model.preprocess_image([{"image": _image(96, 128, 0)}])
     features, mask_feats = model.extract_features(images)
     boxes = torch.tensor([[[10.0, 10.0, 60.0, 50.0]]]).repeat(1, 20, 1)
     t = torch.tensor([100])
+    a = model.head(features, boxes, t, torch.zeros(1, 20, P), mask_feats, whwh)
+    b = model.head(features, boxes, t, torch.ones(1, 20, P), mask_feats, whwh)
+    for x, y, z in zip(a, b, paper.head(features, boxes, t)):
+        torch.testing.assert_close(x, y)
+        torch.testing.assert_close(x, z)
+    with torch.no_grad():
+        for embed in model.head.filter_embed:
+            embed.weight.normal_(0.0, 0.1)
     a = model.head(features, boxes, t, torch.zeros(1, 20, P), mask_feats, whwh)
     b = model.head(features, boxes, t, torch.ones(1, 20, P), mask_feats, whwh)
     assert not torch.allclose(a[2], b[2]) and not torch.allclose(a[0], b[0])

@@ -222,7 +222,7 @@ class DiffusionInstHead(nn.Module):
                 stage.bboxes_delta.requires_grad_(False)
 
     def _reset_parameters(self, prior_prob: float) -> None:
-        """Xavier-uniform for every matrix; the focal prior only on the classification biases.
+        """Xavier-uniform for every matrix; the focal prior only on the classification biases; zero filter embeddings.
 
         (The original set the prior on any parameter whose last dimension equals NUM_CLASSES, which for
         small class counts overwrites unrelated weights; this sets it where it belongs.)
@@ -233,6 +233,10 @@ class DiffusionInstHead(nn.Module):
         bias_value = -math.log((1 - prior_prob) / prior_prob)
         for stage in self.head_series:
             nn.init.constant_(stage.class_logits.bias, bias_value)
+        if self.filter_embed is not None:  # zero: training starts from the paper's model and learns to use the filters
+            for embed in self.filter_embed:
+                nn.init.zeros_(embed.weight)
+                nn.init.zeros_(embed.bias)
 
     def mask_features(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """F_mask (B, c, H/4, W/4) from the mask-branch FPN levels (finest first)."""
