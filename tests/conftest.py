@@ -1,7 +1,6 @@
 """Shared fixtures: configs built from the project's YAML files, small synthetic datasets, determinism."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -57,3 +56,50 @@ TINY_OPTS = (
 def tiny_cfg(*opts):
     """The shapes config shrunk further so a model builds and runs in well under a second."""
     return load_cfg("diffinst.shapes.res18.cpu.yaml", *TINY_OPTS, *opts)
+
+
+def register_shapes_at(root: str) -> None:
+    """(Re-)register shapes_train / shapes_val from the dataset under ``root``."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from diffusioninst.data import register_shapes
+
+    for name in ("shapes_train", "shapes_val"):
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+        if name in MetadataCatalog.list():
+            MetadataCatalog.remove(name)
+    register_shapes(root)
+
+
+def train_tiny_on_shapes(*opts, iterations: int = 40, check_losses=None):
+    """Train the tiny model (plus ``opts``) on 4 fixed shapes_train batches; returns (model, batches, loss history).
+
+    ``check_losses(loss_dict)``, if given, is called on every iteration's losses.
+    """
+    import torch
+    from detectron2.data import build_detection_train_loader
+    from detectron2.modeling import build_model
+
+    from diffusioninst import DiffusionInstDatasetMapper, build_optimizer
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(*opts, "SOLVER.IMS_PER_BATCH", 4, "SOLVER.BASE_LR", 1e-3, "SOLVER.WARMUP_ITERS", 0,
+                   "MODEL.DiffusionInst.NUM_PROPOSALS", 16)
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    loader = iter(build_detection_train_loader(cfg, mapper=DiffusionInstDatasetMapper(cfg, is_train=True)))
+    batches = [next(loader) for _ in range(4)]
+    history = []
+    model.train()
+    for it in range(iterations):
+        losses = model(batches[it % len(batches)])
+        if check_losses is not None:
+            check_losses(losses)
+        total = sum(losses.values())
+        assert torch.isfinite(total), losses
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        history.append(float(total.detach()))
+    return model, batches, history

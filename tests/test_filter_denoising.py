@@ -3,13 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 
-from conftest import tiny_cfg
-from diffusioninst import DiffusionInstDatasetMapper, build_optimizer
-from diffusioninst.data import register_shapes
+from conftest import register_shapes_at, tiny_cfg, train_tiny_on_shapes
 from diffusioninst.modeling.diffusion import (
     ddim_step, diffusion_buffers, predict_noise_from_start, signal_from_boxes, signal_from_filters,
 )
@@ -189,28 +186,8 @@ def test_batch_equals_per_image_with_filters(variant):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_both_variants_train_on_shapes_and_predict_valid_instances(variant, shapes_root, monkeypatch):
     monkeypatch.setenv("DETECTRON2_DATASETS", shapes_root)
-    for name in ("shapes_train", "shapes_val"):
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-        if name in MetadataCatalog.list():
-            MetadataCatalog.remove(name)
-    register_shapes(shapes_root)
-    torch.manual_seed(0)
-    cfg = tiny_cfg(*VARIANTS[variant], "SOLVER.IMS_PER_BATCH", 4, "SOLVER.BASE_LR", 1e-3, "SOLVER.WARMUP_ITERS", 0,
-                   "MODEL.DiffusionInst.NUM_PROPOSALS", 16)
-    model = build_model(cfg)
-    optimizer = build_optimizer(cfg, model)
-    loader = iter(build_detection_train_loader(cfg, mapper=DiffusionInstDatasetMapper(cfg, is_train=True)))
-    batches = [next(loader) for _ in range(4)]
-    history = []
-    model.train()
-    for it in range(40):
-        total = sum(model(batches[it % len(batches)]).values())
-        assert torch.isfinite(total)
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        history.append(float(total.detach()))
+    register_shapes_at(shapes_root)
+    model, batches, history = train_tiny_on_shapes(*VARIANTS[variant])
     first, last = sum(history[:4]) / 4, sum(history[-4:]) / 4
     assert last < 0.8 * first, f"loss did not decrease: {history[:4]} -> {history[-4:]}"
 

@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from detectron2.data import DatasetCatalog, build_detection_train_loader
+from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import Instances, pairwise_iou
 
 import reference_original as ref
-from conftest import tiny_cfg
-from diffusioninst import DiffusionInstDatasetMapper, build_optimizer
-from diffusioninst.data import register_shapes
+from conftest import register_shapes_at, tiny_cfg, train_tiny_on_shapes
 
 
 def _image(h, w, seed):
@@ -131,35 +129,14 @@ def test_wrong_class_ids_are_named():
 def test_training_on_shapes_decreases_loss(shapes_root, monkeypatch):
     """Images of different sizes, some without instances: the loss falls over a few dozen iterations."""
     monkeypatch.setenv("DETECTRON2_DATASETS", shapes_root)
-    for name in ("shapes_train", "shapes_val"):
-        DatasetCatalog.remove(name) if name in DatasetCatalog.list() else None
-    from detectron2.data import MetadataCatalog
+    register_shapes_at(shapes_root)
+    assert any(len(d["annotations"]) == 0 for d in DatasetCatalog.get("shapes_train"))
 
-    for name in ("shapes_train", "shapes_val"):
-        MetadataCatalog.remove(name) if name in MetadataCatalog.list() else None
-    register_shapes(shapes_root)
-    dicts = DatasetCatalog.get("shapes_train")
-    assert any(len(d["annotations"]) == 0 for d in dicts)
-
-    torch.manual_seed(0)
-    cfg = tiny_cfg("SOLVER.IMS_PER_BATCH", 4, "SOLVER.BASE_LR", 1e-3, "SOLVER.WARMUP_ITERS", 0,
-                   "MODEL.DiffusionInst.NUM_PROPOSALS", 16)
-    model = build_model(cfg)
-    optimizer = build_optimizer(cfg, model)
-    loader = iter(build_detection_train_loader(cfg, mapper=DiffusionInstDatasetMapper(cfg, is_train=True)))
-    batches = [next(loader) for _ in range(4)]
-    assert len({tuple(x["image"].shape[1:]) for b in batches for x in b}) > 1
-    history = []
-    model.train()
-    for it in range(40):
-        losses = model(batches[it % len(batches)])
+    def check(losses):
         assert {"loss_ce", "loss_bbox", "loss_giou", "loss_masks", "loss_masks_0"} <= set(losses)
-        total = sum(losses.values())
-        assert torch.isfinite(total)
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        history.append(float(total.detach()))
+
+    model, batches, history = train_tiny_on_shapes(check_losses=check)
+    assert len({tuple(x["image"].shape[1:]) for b in batches for x in b}) > 1
     first, last = sum(history[:4]) / 4, sum(history[-4:]) / 4
     assert last < 0.8 * first, f"loss did not decrease: {history[:4]} -> {history[-4:]}"
 
