@@ -81,6 +81,7 @@ def add_diffusioninst_config(cfg: CN) -> None:
     d.FILTER_DENOISING = False  # diffuse each proposal's filters theta along with its box (same schedule and t)
     d.FILTER_SIGNAL_RANGE = 4.0  # filters are clamped to +-this and mapped to +-SNR_SCALE as their diffusion signal
     d.USE_BOX_LOSS = True  # L1 + GIoU box losses; False: no box losses, boxes are the extents of the predicted masks
+    d.MASK_BOX_SEARCH_SCALE = 1.5  # without box losses: mask cells count only within the input box scaled by this
 
     # Swin backbones.
     from .modeling.backbone.swin import add_swin_config
@@ -324,6 +325,8 @@ def check_config(cfg: CN) -> None:
         problems.append(
             f"MODEL.DiffusionInst.SAMPLE_STEP ({d.SAMPLE_STEP}) cannot exceed NUM_TIMESTEPS ({d.NUM_TIMESTEPS})"
         )
+    if d.MASK_BOX_SEARCH_SCALE <= 0:
+        problems.append(f"MODEL.DiffusionInst.MASK_BOX_SEARCH_SCALE must be positive, got {d.MASK_BOX_SEARCH_SCALE}")
     if d.FILTER_SIGNAL_RANGE <= 0:
         problems.append(f"MODEL.DiffusionInst.FILTER_SIGNAL_RANGE must be positive, got {d.FILTER_SIGNAL_RANGE}")
     if d.NHEADS < 1 or d.HIDDEN_DIM % d.NHEADS:

@@ -57,7 +57,8 @@ def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
     )
     name = cfg.SOLVER.OPTIMIZER.upper()
     if name == "ADAMW":
-        optim_cls, kwargs = torch.optim.AdamW, {"lr": cfg.SOLVER.BASE_LR, "foreach": True}
+        # The fused kernel does the same update as the multi-tensor one, several times faster on CPU.
+        optim_cls, kwargs = torch.optim.AdamW, {"lr": cfg.SOLVER.BASE_LR, "fused": True}
     elif name == "SGD":
         optim_cls, kwargs = torch.optim.SGD, {"lr": cfg.SOLVER.BASE_LR, "momentum": cfg.SOLVER.MOMENTUM, "foreach": True}
     else:

@@ -11,7 +11,7 @@ from diffusioninst.modeling.diffusion import (
     ddim_step, diffusion_buffers, predict_noise_from_start, signal_from_boxes, signal_from_filters,
 )
 from diffusioninst.modeling.dynamic_mask_head import dynamic_mask_logits
-from diffusioninst.modeling.postprocess import boxes_from_masks
+from diffusioninst.modeling.postprocess import mask_extent_boxes
 from diffusioninst.modeling.sampler import DDIMSampler
 
 FILTERS = ("MODEL.DiffusionInst.FILTER_DENOISING", True)
@@ -44,14 +44,18 @@ def test_filter_signal_mapping():
     torch.testing.assert_close(signal, torch.tensor([[[-2.0, -2.0, -0.5, 0.0, 1.0, 2.0, 2.0]]]))
 
 
-def test_boxes_from_masks_extent_stride_and_fallback():
+def test_mask_extent_boxes_stride_fallback_and_search_region():
     logits = torch.full((3, 10, 12), -1.0)
     logits[0, 2:5, 3:7] = 1.0  # rows 2..4, columns 3..6
     logits[1, 0, 0] = 0.5
     logits[1, 9, 11] = 0.5  # two far apart cells: the box encloses both
     fallback = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0], [5.0, 6.0, 7.0, 8.0]])
-    boxes = boxes_from_masks(logits, 4, fallback)
+    boxes = mask_extent_boxes(logits, 4, fallback)
     torch.testing.assert_close(boxes, torch.tensor([[12.0, 8.0, 28.0, 20.0], [0.0, 0.0, 48.0, 40.0], [5.0, 6.0, 7.0, 8.0]]))
+    # Within a region only the cells whose centres (4j + 2, 4i + 2) lie inside it count.
+    region = torch.tensor([[0.0, 0.0, 20.0, 100.0], [30.0, 30.0, 48.0, 40.0], [0.0, 0.0, 48.0, 40.0]])
+    boxes = mask_extent_boxes(logits, 4, fallback, region)
+    torch.testing.assert_close(boxes, torch.tensor([[12.0, 8.0, 20.0, 20.0], [44.0, 36.0, 48.0, 40.0], [5.0, 6.0, 7.0, 8.0]]))
 
 
 def _sampler(filter_range, steps=3, renewal=True):
@@ -125,10 +129,12 @@ def test_head_shapes_and_parameters(variant):
     assert filters.shape == (stages, 2, 20, P)
     with pytest.raises(ValueError, match="filter_signal"):
         model.head(features, boxes, torch.tensor([5, 900]), None, mask_feats, whwh)
-    if box_free:  # each stage's boxes are the extents of its own masks (or its input boxes where a mask is empty)
+    if box_free:  # each stage's boxes: the extent of its masks within 1.5x its input box (or that box if empty)
         masks = dynamic_mask_logits(mask_feats, filters[0].flatten(0, 1), torch.arange(2).repeat_interleave(20))
-        expected = boxes_from_masks(masks, 4, boxes.flatten(0, 1)).view(2, 20, 4)
+        region = torch.tensor([[-2.5, 0.0, 72.5, 60.0]]).repeat(40, 1)
+        expected = mask_extent_boxes(masks, 4, boxes.flatten(0, 1), region).view(2, 20, 4)
         torch.testing.assert_close(pred_boxes[0], torch.minimum(expected, whwh[:, None, :]))
+        assert (pred_boxes[0][..., 2] <= 76).all() and (pred_boxes[0][..., 3] <= 64).all()
 
 
 def test_filter_embeddings_start_at_zero_then_the_signal_steers_the_prediction():

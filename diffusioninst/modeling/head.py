@@ -19,7 +19,7 @@ from .box_ops import apply_box_deltas
 from .diffusion import signal_from_filters
 from .dynamic_mask_head import dynamic_mask_logits
 from .mask_branch import MaskRefine, MaskTower
-from .postprocess import boxes_from_masks
+from .postprocess import mask_extent_boxes
 
 __all__ = ["SinusoidalTimeEmbedding", "DynamicInteraction", "DecoderStage", "DiffusionInstHead"]
 
@@ -191,6 +191,7 @@ class DiffusionInstHead(nn.Module):
         filter_range: float = 4.0,
         mask_head_layout: Tuple[int, int, int] = (8, 8, 3),
         mask_stride: int = 4,
+        mask_box_search_scale: float = 1.5,
     ):
         super().__init__()
         self.box_pooler = box_pooler
@@ -216,6 +217,7 @@ class DiffusionInstHead(nn.Module):
         self.filter_range = filter_range
         self.mask_head_layout = mask_head_layout
         self.mask_stride = mask_stride
+        self.mask_box_search_scale = mask_box_search_scale
         self._reset_parameters(prior_prob)
         if boxes_from_masks:  # the box regression is unused: its boxes come from the masks
             for stage in self.head_series:
@@ -286,12 +288,20 @@ class DiffusionInstHead(nn.Module):
 
     @torch.no_grad()
     def _mask_boxes(
-        self, mask_feats: torch.Tensor, filters: torch.Tensor, fallback: torch.Tensor, images_whwh: torch.Tensor
+        self, mask_feats: torch.Tensor, filters: torch.Tensor, boxes: torch.Tensor, images_whwh: torch.Tensor
     ) -> torch.Tensor:
-        """Boxes (B, N, 4) enclosing each proposal's mask (logit > 0) for filters (B, N, P), clipped to its image;
-        ``fallback`` (B, N, 4) where a mask is empty."""
+        """Boxes (B, N, 4) enclosing each proposal's mask (logit > 0) for filters (B, N, P), clipped to its image.
+
+        Only mask cells within the proposal's input box ``boxes`` (B, N, 4), scaled about its centre by
+        ``mask_box_search_scale``, count: phi has no position input, so its masks also fire on look-alike instances
+        elsewhere, which the paper's method crops away with the predicted box. A proposal without such a cell keeps
+        its input box.
+        """
         b, n = filters.shape[:2]
         image_index = torch.arange(b, device=filters.device).repeat_interleave(n)
         logits = dynamic_mask_logits(mask_feats, filters.flatten(0, 1), image_index, *self.mask_head_layout)
-        boxes = boxes_from_masks(logits, self.mask_stride, fallback.flatten(0, 1).float()).view(b, n, 4)
-        return torch.minimum(boxes, images_whwh[:, None, :].float())
+        fallback = boxes.flatten(0, 1).float()
+        centre, half = (fallback[:, :2] + fallback[:, 2:]) / 2, (fallback[:, 2:] - fallback[:, :2]) / 2
+        region = torch.cat([centre - half * self.mask_box_search_scale, centre + half * self.mask_box_search_scale], 1)
+        out = mask_extent_boxes(logits, self.mask_stride, fallback, region).view(b, n, 4)
+        return torch.minimum(out, images_whwh[:, None, :].float())

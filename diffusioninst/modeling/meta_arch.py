@@ -163,6 +163,7 @@ class DiffusionInst(nn.Module):
             filter_range=d.FILTER_SIGNAL_RANGE,
             mask_head_layout=mask_layout,
             mask_stride=mask_stride,
+            mask_box_search_scale=d.MASK_BOX_SEARCH_SCALE,
         )
         matcher = DynamicKMatcher(
             cost_class=d.CLASS_WEIGHT, cost_bbox=d.L1_WEIGHT, cost_giou=d.GIOU_WEIGHT, ota_k=d.OTA_K,

@@ -1,7 +1,7 @@
 """From decoder outputs to detectron2 ``Instances``: top-k over (proposal, class), NMS, masks at full size."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +9,7 @@ from detectron2.layers import batched_nms
 
 from .mask_branch import aligned_bilinear
 
-__all__ = ["select_topk", "nms_and_cap", "masks_to_image", "box_region_masks", "boxes_from_masks"]
+__all__ = ["select_topk", "nms_and_cap", "masks_to_image", "box_region_masks", "mask_extent_boxes"]
 
 
 def select_topk(
@@ -73,14 +73,24 @@ def masks_to_image(
     return result
 
 
-def boxes_from_masks(mask_logits: torch.Tensor, stride: int, fallback: torch.Tensor) -> torch.Tensor:
-    """Abs xyxy boxes (M, 4) enclosing the cells with logit > 0 of masks (M, h, w) at ``stride``; ``fallback`` (M, 4)
-    where a mask is empty. Cell (i, j) covers pixels [stride*j, stride*(j+1)) x [stride*i, stride*(i+1))."""
+def mask_extent_boxes(
+    mask_logits: torch.Tensor, stride: int, fallback: torch.Tensor, region: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Abs xyxy boxes (M, 4) enclosing the cells with logit > 0 of masks (M, h, w) at ``stride``.
+
+    Cell (i, j) covers pixels [stride*j, stride*(j+1)) x [stride*i, stride*(i+1)). With ``region`` (M, 4) abs xyxy,
+    only cells whose centre lies inside it count. ``fallback`` (M, 4) is returned where no cell counts.
+    """
     positive = mask_logits > 0
-    rows, cols = positive.any(2), positive.any(1)
     h, w = mask_logits.shape[-2:]
     ys = torch.arange(h, device=mask_logits.device)
     xs = torch.arange(w, device=mask_logits.device)
+    if region is not None:
+        cy, cx = (ys + 0.5) * stride, (xs + 0.5) * stride
+        in_y = (cy[None, :] >= region[:, 1:2]) & (cy[None, :] <= region[:, 3:4])
+        in_x = (cx[None, :] >= region[:, 0:1]) & (cx[None, :] <= region[:, 2:3])
+        positive = positive & in_y[:, :, None] & in_x[:, None, :]
+    rows, cols = positive.any(2), positive.any(1)
     y1 = torch.where(rows, ys, h).amin(1)
     y2 = torch.where(rows, ys, -1).amax(1) + 1
     x1 = torch.where(cols, xs, w).amin(1)
