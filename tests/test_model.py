@@ -59,6 +59,22 @@ def test_inference_equals_original_code_path(steps):
 
 
 @pytest.mark.parametrize("steps", [1, 4])
+def test_capped_inference_keeps_the_original_top_instances(steps):
+    """With TEST.DETECTIONS_PER_IMAGE, masks are computed for the kept instances only: the original's top ones."""
+    cap = 8
+    model = _eval_model("MODEL.DiffusionInst.SAMPLE_STEP", steps, "MODEL.DiffusionInst.ENSEMBLE_LAST_STEP", False)
+    model.max_detections = cap
+    x = _inputs()[0]
+    init = torch.randn(1, model.num_proposals, 4, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(123)
+    expected = ref.original_inference(model, x, init, sample_steps=steps)
+    assert len(expected) > cap
+    ours = model.inference([x], init_boxes=init, generators=[torch.Generator().manual_seed(123)])[0]["instances"]
+    assert len(ours) == cap
+    _assert_same_instances(ours, expected[expected.scores.argsort(descending=True)[:cap]])
+
+
+@pytest.mark.parametrize("steps", [1, 4])
 def test_batch_equals_per_image(steps):
     model = _eval_model("MODEL.DiffusionInst.SAMPLE_STEP", steps)
     inputs = _inputs()

@@ -363,7 +363,7 @@ class DiffusionInst(nn.Module):
         for b, (x, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
             candidates = [select_topk(lg[b], bx[b], fl[b], self.num_proposals) for lg, bx, fl in steps]
             scores, labels, boxes, filters = (torch.cat(c) for c in zip(*candidates))
-            keep = nms_and_cap(boxes, scores, labels, self.nms_thresh, self.use_nms, self.max_detections)
+            keep = nms_and_cap(boxes, scores, labels, self.nms_thresh, self.use_nms, 0)  # capped after empty boxes go
             inst = Instances(image_size)
             inst.pred_boxes = Boxes(boxes[keep])
             inst.scores = scores[keep]
@@ -374,11 +374,16 @@ class DiffusionInst(nn.Module):
         return processed
 
     def _paste_masks(self, inst: Instances, mask_feats: torch.Tensor, input_size, output_size) -> Instances:
-        """Rescale boxes to output_size and compute its binary masks with phi; drops empty boxes."""
+        """Rescale score-sorted boxes to output_size, keep the first ``max_detections`` (<= 0: all) non-empty ones
+        and compute only their binary masks with phi."""
         out = Instances(output_size)
         boxes = inst.pred_boxes.clone()
         boxes.scale(output_size[1] / input_size[1], output_size[0] / input_size[0])
         boxes.clip(output_size)
+        keep = boxes.nonempty().nonzero().squeeze(1)
+        if self.max_detections > 0:
+            keep = keep[: self.max_detections]
+        inst, boxes = inst[keep], boxes[keep]
         filters = inst.pred_filters
         logits = dynamic_mask_logits(
             mask_feats, filters, torch.zeros(len(filters), dtype=torch.long, device=filters.device), *self.mask_head_layout
@@ -387,4 +392,4 @@ class DiffusionInst(nn.Module):
         out.scores = inst.scores
         out.pred_classes = inst.pred_classes
         out.pred_masks = masks_to_image(logits.sigmoid(), input_size, output_size, boxes.tensor, self.mask_threshold)
-        return out[boxes.nonempty()]
+        return out

@@ -4,12 +4,9 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.layers import batched_nms
 
-from .mask_branch import aligned_bilinear
-
-__all__ = ["select_topk", "nms_and_cap", "masks_to_image", "box_region_masks", "mask_extent_boxes"]
+__all__ = ["select_topk", "nms_and_cap", "masks_to_image", "mask_extent_boxes"]
 
 
 def select_topk(
@@ -37,14 +34,39 @@ def nms_and_cap(
     return keep[:max_dets] if max_dets > 0 else keep
 
 
-def box_region_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bool (M, H, W), True inside [x1, x2) x [y1, y2) of each box with integer-truncated coordinates."""
-    b = boxes.long()
-    ys = torch.arange(height, device=boxes.device)
-    xs = torch.arange(width, device=boxes.device)
-    in_y = (ys[None, :] >= b[:, 1:2]) & (ys[None, :] < b[:, 3:4])
-    in_x = (xs[None, :] >= b[:, 0:1]) & (xs[None, :] < b[:, 2:3])
-    return in_y[:, :, None] & in_x[:, None, :]
+def _resize_weights(low_len: int, in_len: int, out_len: int, stride: int, device: torch.device) -> torch.Tensor:
+    """(out_len, low_len) float64 weights of one axis: how each output pixel mixes the mask cells.
+
+    The composition of CondInst's aligned x``stride`` upsampling (pixel q samples cell coordinate
+    max(q - stride // 2, 0) / stride, the last cell replicated), the crop to ``in_len`` pixels and PyTorch's
+    bilinear resize to ``out_len`` (align_corners=False: pixel r samples (r + 0.5) * in_len / out_len - 0.5,
+    clamped at 0), so that masks can be computed inside their boxes only.
+    """
+    q = torch.arange(in_len, dtype=torch.float64, device=device)
+    c = (q - stride // 2).clamp(min=0) / stride
+    a0 = c.floor().long().clamp(max=low_len - 1)
+    fa = c - a0
+    a1 = (a0 + 1).clamp(max=low_len - 1)
+    r = torch.arange(out_len, dtype=torch.float64, device=device)
+    src = ((r + 0.5) * (in_len / out_len) - 0.5).clamp(min=0)
+    b0 = src.floor().long().clamp(max=in_len - 1)
+    fb = src - b0
+    b1 = (b0 + 1).clamp(max=in_len - 1)
+    weights = torch.zeros((out_len, low_len), dtype=torch.float64, device=device)
+    rows = torch.arange(out_len, device=device)
+    for b, wb in ((b0, 1 - fb), (b1, fb)):
+        weights.index_put_((rows, a0[b]), wb * (1 - fa[b]), accumulate=True)
+        weights.index_put_((rows, a1[b]), wb * fa[b], accumulate=True)
+    return weights
+
+
+def _support(weights: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """First and one-past-last non-zero column of every row of (out_len, low_len) weights (monotone in the row)."""
+    nonzero = weights != 0
+    idx = torch.arange(weights.shape[1], device=weights.device)
+    first = torch.where(nonzero, idx, weights.shape[1]).amin(1)
+    last = torch.where(nonzero, idx, -1).amax(1) + 1
+    return first, last
 
 
 def masks_to_image(
@@ -54,22 +76,31 @@ def masks_to_image(
     boxes: torch.Tensor,
     threshold: float = 0.5,
     stride: int = 4,
-    chunk: int = 32,
 ) -> torch.Tensor:
     """Binary masks (M, H_out, W_out) from probabilities (M, h, w) at stride 4 of the padded input.
 
-    Aligned x4 upsampling, crop to the unpadded input (h_in, w_in), bilinear resize to the output size,
-    threshold, and zero outside each box (``boxes`` (M, 4) in output coordinates, already clipped).
+    Equals: aligned x4 upsampling, crop to the unpadded input (h_in, w_in), bilinear resize to the output size,
+    threshold, zero outside each box (``boxes`` (M, 4) in output coordinates, clipped; pixels [x1, x2) x [y1, y2)
+    of the integer-truncated box). Computed inside each box only, as (rows x cells) @ probs @ (cells x cols),
+    instead of resizing every mask to the full image.
     """
-    h_in, w_in = input_size
     out_h, out_w = output_size
     result = torch.zeros((len(mask_probs), out_h, out_w), dtype=torch.bool, device=mask_probs.device)
-    for start in range(0, len(mask_probs), chunk):
-        probs = mask_probs[start : start + chunk, None]
-        full = aligned_bilinear(probs, stride)[:, :, :h_in, :w_in]
-        full = F.interpolate(full, size=(out_h, out_w), mode="bilinear", align_corners=False)[:, 0]
-        region = box_region_masks(boxes[start : start + chunk], out_h, out_w)
-        result[start : start + chunk] = (full > threshold) & region
+    if len(mask_probs) == 0:
+        return result
+    low_h, low_w = mask_probs.shape[-2:]
+    wy = _resize_weights(low_h, input_size[0], out_h, stride, mask_probs.device)
+    wx = _resize_weights(low_w, input_size[1], out_w, stride, mask_probs.device)
+    (fy, ly), (fx, lx) = _support(wy), _support(wx)
+    wy, wx = wy.to(mask_probs.dtype), wx.to(mask_probs.dtype)
+    for m, (x1, y1, x2, y2) in enumerate(boxes.long().tolist()):
+        if x2 <= x1 or y2 <= y1:
+            continue
+        cy0, cy1 = int(fy[y1]), int(ly[y2 - 1])
+        cx0, cx1 = int(fx[x1]), int(lx[x2 - 1])
+        window = mask_probs[m, cy0:cy1, cx0:cx1]
+        values = wy[y1:y2, cy0:cy1] @ window @ wx[x1:x2, cx0:cx1].t()
+        result[m, y1:y2, x1:x2] = values > threshold
     return result
 
 

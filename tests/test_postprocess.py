@@ -1,0 +1,78 @@
+"""Post-processing: masks computed inside their boxes equal the full-image computation; top-k and NMS helpers."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusioninst.modeling.mask_branch import aligned_bilinear
+from diffusioninst.modeling.postprocess import masks_to_image, nms_and_cap, select_topk
+
+
+def full_image_masks(probs, input_size, output_size, boxes, threshold=0.5):
+    """The straightforward computation: every mask upsampled x4, cropped, resized to the image, thresholded, boxed.
+    Returns the binary masks and the probabilities they were thresholded from."""
+    full = aligned_bilinear(probs[:, None], 4)[:, :, : input_size[0], : input_size[1]]
+    full = F.interpolate(full, size=output_size, mode="bilinear", align_corners=False)[:, 0]
+    b = boxes.long()
+    ys = torch.arange(output_size[0])[None, :, None]
+    xs = torch.arange(output_size[1])[None, None, :]
+    inside = ((ys >= b[:, 1, None, None]) & (ys < b[:, 3, None, None]) & (xs >= b[:, 0, None, None])
+              & (xs < b[:, 2, None, None]))
+    return (full > threshold) & inside, full
+
+
+def _boxes(n, h, w, g):
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([w, h])
+    wh = torch.rand(n, 2, generator=g) * torch.tensor([w, h]) * 0.8
+    boxes = torch.cat([xy, xy + wh], 1)
+    boxes[0] = torch.tensor([0.0, 0.0, w, h])  # the whole image
+    boxes[1] = torch.tensor([w - 0.5, 3.0, w, 9.0])  # less than a pixel wide: empty
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    return boxes
+
+
+@pytest.mark.parametrize("low,input_size,output_size", [
+    ((24, 32), (96, 128), (96, 128)),  # same size
+    ((24, 32), (93, 125), (186, 250)),  # padded input, upscaled output
+    ((25, 30), (99, 117), (61, 73)),  # downscaled output
+    ((8, 8), (32, 29), (480, 640)),  # large upscaling
+])
+def test_masks_inside_boxes_equal_the_full_image_computation(low, input_size, output_size):
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(12, *low, generator=g)
+    probs = torch.where(torch.rand(12, *low, generator=g) > 0.5, probs, 1 - probs) ** 3  # some structure
+    boxes = _boxes(12, *output_size, g)
+    expected, values = full_image_masks(probs, input_size, output_size, boxes)
+    ours = masks_to_image(probs, input_size, output_size, boxes)
+    assert ours.shape == expected.shape and ours.dtype == torch.bool
+    differ = ours != expected
+    # Only float rounding of pixels at the threshold may differ.
+    assert ((values[differ] - 0.5).abs() < 1e-5).all()
+    assert differ.float().mean() < 1e-4
+    assert expected.any() and not ours[1].any()
+
+
+def test_no_masks():
+    out = masks_to_image(torch.zeros(0, 8, 8), (32, 32), (64, 64), torch.zeros(0, 4))
+    assert out.shape == (0, 64, 64)
+
+
+def test_select_topk_does_not_repeat_per_class():
+    logits = torch.tensor([[0.0, 3.0], [2.0, -1.0], [1.0, 4.0]])
+    boxes = torch.arange(12.0).view(3, 4)
+    filters = torch.arange(9.0).view(3, 3)
+    scores, labels, b, f = select_topk(logits, boxes, filters, 3)
+    torch.testing.assert_close(scores, torch.tensor([4.0, 3.0, 2.0]).sigmoid())
+    assert labels.tolist() == [1, 1, 0]
+    assert torch.equal(b, boxes[[2, 0, 1]]) and torch.equal(f, filters[[2, 0, 1]])
+
+
+def test_nms_and_cap():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10.5], [20, 20, 30, 30], [0, 0, 10, 10]])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    labels = torch.tensor([0, 0, 0, 1])
+    assert nms_and_cap(boxes, scores, labels, 0.5, True, 0).tolist() == [0, 2, 3]
+    assert nms_and_cap(boxes, scores, labels, 0.5, True, 2).tolist() == [0, 2]
+    assert nms_and_cap(boxes, scores, labels, 0.5, False, 3).tolist() == [0, 1, 2]
