@@ -450,3 +450,21 @@ def original_training_forward(model, batched_inputs: Sequence[Dict]) -> Dict:
     """One original training forward: noise the padded ground truth image by image, then the weighted losses."""
     boxes, t = original_noisy_boxes(model, batched_inputs)
     return original_training_losses(model, batched_inputs, boxes, t)
+
+
+def original_optimizer(cfg, model) -> torch.optim.Optimizer:
+    """The original release's optimizer: one parameter group per trainable tensor (backbone lr x BACKBONE_MULTIPLIER,
+    SOLVER.WEIGHT_DECAY on every tensor), torch's AdamW with its default implementation, full-model gradient clipping."""
+    groups = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            lr = cfg.SOLVER.BASE_LR * (cfg.SOLVER.BACKBONE_MULTIPLIER if "backbone" in name else 1.0)
+            groups.append({"params": [p], "lr": lr, "weight_decay": cfg.SOLVER.WEIGHT_DECAY})
+    max_norm = cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE
+
+    class ClippedAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            torch.nn.utils.clip_grad_norm_([p for g in self.param_groups for p in g["params"]], max_norm)
+            return super().step(closure=closure)
+
+    return ClippedAdamW(groups, cfg.SOLVER.BASE_LR)

@@ -170,3 +170,17 @@ def test_train_mode_original_only(one_thread):
     assert "train" not in results and "speedup_train" not in results
     check_train_entry(results["train_original"], "original", 2, calls=1)
     assert "Training on" in bench.format_report(results)
+
+
+@pytest.mark.parametrize("variant", [("MODEL.DiffusionInst.FILTER_DENOISING", True),
+                                     ("MODEL.DiffusionInst.FILTER_DENOISING", True, "MODEL.DiffusionInst.USE_BOX_LOSS", False)])
+def test_benchmark_of_the_filter_denoising_variants(one_thread, variant):
+    """A benchmark line (inference and training) for each filter-denoising variant; the original path has none."""
+    results = bench.run_benchmark(CONFIG, TINY_OPTS + variant, mode="all", impl="ours", batch_size=2, warmup=1,
+                                  repeats=1, image_size=(64, 96), threads=1)
+    assert {(e["impl"], e["batch_size"]) for e in results["inference"]} == {("ours", 1), ("ours", 2)}
+    for e in results["inference"]:
+        assert _positive(e["images_per_s"]) and _non_negative(e["detections_per_image"])
+        check_breakdown(e["breakdown_ms"])
+    check_train_entry(results["train"], "ours", 2, calls=1)
+    assert results["overrides"][-len(variant):] == [str(v) for v in variant]

@@ -160,3 +160,20 @@ def test_original_noisy_boxes_are_clamped_signals_at_random_steps():
     random.seed(0)
     again, t_again = ref.original_noisy_boxes(model, batch)
     assert torch.equal(again, boxes) and torch.equal(t_again, t)
+
+
+def test_original_optimizer_matches_the_original_construction():
+    """One group per tensor, backbone lr scaled, weight decay everywhere (norms too), default AdamW, clipping."""
+    cfg = tiny_cfg("SOLVER.BACKBONE_MULTIPLIER", 0.5)
+    model = build_model(cfg)
+    optimizer = ref.original_optimizer(cfg, model)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert len(optimizer.param_groups) == len(trainable)
+    for (name, p), group in zip(trainable, optimizer.param_groups):
+        assert group["params"] == [p] and group["weight_decay"] == cfg.SOLVER.WEIGHT_DECAY
+        assert group["lr"] == cfg.SOLVER.BASE_LR * (0.5 if "backbone" in name else 1.0)
+        assert not group["fused"] and group["foreach"] is None
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    optimizer.step()
+    assert torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]) <= cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE + 1e-4

@@ -91,15 +91,16 @@ def masks_to_image(
     low_h, low_w = mask_probs.shape[-2:]
     wy = _resize_weights(low_h, input_size[0], out_h, stride, mask_probs.device)
     wx = _resize_weights(low_w, input_size[1], out_w, stride, mask_probs.device)
-    (fy, ly), (fx, lx) = _support(wy), _support(wx)
+    (fy, ly), (fx, lx) = (t.tolist() for t in _support(wy)), (t.tolist() for t in _support(wx))
     wy, wx = wy.to(mask_probs.dtype), wx.to(mask_probs.dtype)
     for m, (x1, y1, x2, y2) in enumerate(boxes.long().tolist()):
         if x2 <= x1 or y2 <= y1:
             continue
-        cy0, cy1 = int(fy[y1]), int(ly[y2 - 1])
-        cx0, cx1 = int(fx[x1]), int(lx[x2 - 1])
-        window = mask_probs[m, cy0:cy1, cx0:cx1]
-        values = wy[y1:y2, cy0:cy1] @ window @ wx[x1:x2, cx0:cx1].t()
+        cy0, cy1, cx0, cx1 = fy[y1], ly[y2 - 1], fx[x1], lx[x2 - 1]
+        rows, window, cols = wy[y1:y2, cy0:cy1], mask_probs[m, cy0:cy1, cx0:cx1], wx[x1:x2, cx0:cx1].t()
+        # The cheaper order of the two products (bh, bw: box size; ch, cw: its cells).
+        bh, bw, ch, cw = y2 - y1, x2 - x1, cy1 - cy0, cx1 - cx0
+        values = (rows @ window) @ cols if bh * cw * (ch + bw) <= bw * ch * (cw + bh) else rows @ (window @ cols)
         result[m, y1:y2, x1:x2] = values > threshold
     return result
 
