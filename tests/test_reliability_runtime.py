@@ -206,3 +206,27 @@ def test_sigkill_at_random_moments_then_resume_loses_nothing(tmp_path, shapes_ro
     assert final["iteration"] == max_iter - 1
     _all_checkpoints_load(out)
     assert json.loads((out / "inference" / "shapes_val" / "results.json").read_text())["iteration"] == max_iter - 1
+
+
+def test_kill_between_the_last_checkpoint_and_model_final_still_finishes(tmp_path, shapes_root):
+    """The state a kill between the periodic save of the last iteration and model_final leaves: --resume has no
+    iteration left, and writes model_final (the last iteration's state) and the final evaluation."""
+    out = tmp_path / "run"
+    opts = ["SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2]
+    env = dict(os.environ, DETECTRON2_DATASETS=shapes_root, OMP_NUM_THREADS="1")
+    proc = subprocess.run(command(out, *opts), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = torch.load(out / "model_0000003.pth", map_location="cpu", weights_only=False)
+    (out / "model_final.pth").unlink()
+    (out / "last_checkpoint").write_text("model_0000003.pth")
+    (out / "inference" / "shapes_val" / "results.json").unlink()
+
+    proc = subprocess.run(command(out, *opts, flags=["--resume"]), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Starting training from iteration 4" in proc.stdout + proc.stderr
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    assert final["iteration"] == 3 and (out / "last_checkpoint").read_text() == "model_final.pth"
+    for name, value in last["model"].items():
+        assert torch.equal(final["model"][name], value), name
+    assert final["trainer"]["_trainer"]["optimizer"]["state"]
+    assert json.loads((out / "inference" / "shapes_val" / "results.json").read_text())["iteration"] == 3

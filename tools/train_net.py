@@ -47,6 +47,13 @@ class Trainer(DefaultTrainer):
     def _last_checkpoint(self) -> str:
         return self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else ""
 
+    def train(self):
+        """DefaultTrainer.train; a run killed between its last periodic checkpoint and model_final resumes with no
+        iteration left: model_final is then written from the restored state before the final evaluation."""
+        if self.start_iter >= self.max_iter and not os.path.isfile(os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")):
+            self.checkpointer.save("model_final", iteration=self.max_iter - 1)
+        return super().train()
+
     def run_step(self):
         try:
             super().run_step()
