@@ -32,8 +32,9 @@ class DiffusionInst(nn.Module):
 
     Training: ground-truth boxes padded with random boxes are noised at a random step t and refined by the
     decoder, whose filters theta drive the dynamic mask head over F_mask. Inference: boxes start as Gaussian
-    noise and are denoised by DDIM (``SAMPLE_STEP`` steps, box renewal, ensemble). With ``filter_denoising`` the
-    filters are part of the diffusion state too; with ``use_box_loss`` off, boxes are the extents of the masks.
+    noise and are denoised by DDIM (``SAMPLE_STEP`` steps, box renewal, ensemble). With a head built for filter
+    denoising the filters are part of the diffusion state too; with one that derives boxes from masks (no box
+    losses), boxes are the extents of the masks.
     """
 
     @configurable
@@ -63,9 +64,6 @@ class DiffusionInst(nn.Module):
         mask_head_layout: Tuple[int, int, int] = (8, 8, 3),
         mask_threshold: float = 0.5,
         inference_seed: int = -1,
-        filter_denoising: bool = False,
-        filter_range: float = 4.0,
-        use_box_loss: bool = True,
         inference_dtype: Optional[str] = None,
     ):
         super().__init__()
@@ -89,7 +87,7 @@ class DiffusionInst(nn.Module):
             num_timesteps=num_timesteps, sample_steps=sample_step, eta=ddim_eta, scale=snr_scale,
             box_renewal=box_renewal, renewal_threshold=renewal_threshold,
             use_ensemble=use_ensemble, ensemble_last_step=ensemble_last_step,
-            filter_range=filter_range if filter_denoising else None,
+            filter_range=head.filter_range if head.filter_embed is not None else None,
         )
         self.use_nms = use_nms
         self.nms_thresh = nms_thresh
@@ -97,15 +95,9 @@ class DiffusionInst(nn.Module):
         self.mask_head_layout = mask_head_layout
         self.mask_threshold = mask_threshold
         self.inference_seed = inference_seed
-        self.filter_denoising = filter_denoising
-        self.filter_range = filter_range
-        self.use_box_loss = use_box_loss
+        self.filter_denoising = head.filter_embed is not None
         self.inference_dtype = getattr(torch, inference_dtype) if inference_dtype else None
         self.num_mask_params = num_mask_head_params(*mask_head_layout)
-        if self.head.filter_embed is None and filter_denoising:
-            raise ValueError("filter_denoising needs a head built with filter_denoising=True")
-        if self.head.boxes_from_masks == use_box_loss:
-            raise ValueError("the head must derive boxes from masks exactly when the box losses are off")
 
     @classmethod
     def from_config(cls, cfg) -> dict:
@@ -205,9 +197,6 @@ class DiffusionInst(nn.Module):
             "mask_head_layout": mask_layout,
             "mask_threshold": d.MASK_THRESHOLD,
             "inference_seed": d.INFERENCE_SEED,
-            "filter_denoising": d.FILTER_DENOISING,
-            "filter_range": d.FILTER_SIGNAL_RANGE,
-            "use_box_loss": d.USE_BOX_LOSS,
             "inference_dtype": cfg.TEST.AMP.DTYPE if cfg.TEST.AMP.ENABLED else None,
         }
 
@@ -253,7 +242,7 @@ class DiffusionInst(nn.Module):
             h, w = inst.image_size
             masks = inst.gt_masks.tensor if inst.has("gt_masks") else torch.zeros((0, h, w), device=self.device)
             boxes_xyxy = inst.gt_boxes.tensor
-            if not self.use_box_loss and inst.has("gt_masks"):  # boxes are the masks' extents, as predicted ones
+            if self.head.boxes_from_masks and inst.has("gt_masks"):  # boxes are the masks' extents, as predicted ones
                 from_masks = inst.gt_masks.get_bounding_boxes().tensor.to(boxes_xyxy)
                 boxes_xyxy = torch.where(masks.flatten(1).any(1)[:, None], from_masks, boxes_xyxy)
             targets.append({
@@ -284,7 +273,7 @@ class DiffusionInst(nn.Module):
         batch = boxes.shape[0]
         noise = torch.randn((batch, self.num_proposals, self.num_mask_params), device=self.device)
         _, _, filters = self.head(features, boxes, t, noise, mask_feats, whwh)
-        x_start = signal_from_filters(filters[-1].float(), self.scale, self.filter_range)
+        x_start = signal_from_filters(filters[-1].float(), self.scale, self.head.filter_range)
         x = q_sample(x_start, t, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod, torch.randn_like(x_start))
         return x.to(x_start.dtype)
 
