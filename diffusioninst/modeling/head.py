@@ -15,7 +15,7 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
 from torch import nn
 
-from .box_ops import apply_box_deltas
+from .box_ops import apply_box_deltas, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .diffusion import signal_from_filters
 from .dynamic_mask_head import dynamic_mask_logits
 from .mask_branch import MaskRefine, MaskTower
@@ -301,7 +301,8 @@ class DiffusionInstHead(nn.Module):
         image_index = torch.arange(b, device=filters.device).repeat_interleave(n)
         logits = dynamic_mask_logits(mask_feats, filters.flatten(0, 1), image_index, *self.mask_head_layout)
         fallback = boxes.flatten(0, 1).float()
-        centre, half = (fallback[:, :2] + fallback[:, 2:]) / 2, (fallback[:, 2:] - fallback[:, :2]) / 2
-        region = torch.cat([centre - half * self.mask_box_search_scale, centre + half * self.mask_box_search_scale], 1)
+        region = box_xyxy_to_cxcywh(fallback)
+        region[:, 2:] *= self.mask_box_search_scale
+        region = box_cxcywh_to_xyxy(region)
         out = mask_extent_boxes(logits, self.mask_stride, fallback, region).view(b, n, 4)
         return torch.minimum(out, images_whwh[:, None, :].float())

@@ -60,13 +60,12 @@ def _resize_weights(low_len: int, in_len: int, out_len: int, stride: int, device
     return weights
 
 
-def _support(weights: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """First and one-past-last non-zero column of every row of (out_len, low_len) weights (monotone in the row)."""
-    nonzero = weights != 0
-    idx = torch.arange(weights.shape[1], device=weights.device)
-    first = torch.where(nonzero, idx, weights.shape[1]).amin(1)
-    last = torch.where(nonzero, idx, -1).amax(1) + 1
-    return first, last
+def _true_span(flags: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """First and one-past-last True index along the last axis of bool (..., L) -> two (...) long tensors
+    (L and 0 where a row has no True)."""
+    length = flags.shape[-1]
+    idx = torch.arange(length, device=flags.device)
+    return torch.where(flags, idx, length).amin(-1), torch.where(flags, idx, -1).amax(-1) + 1
 
 
 def masks_to_image(
@@ -91,7 +90,8 @@ def masks_to_image(
     low_h, low_w = mask_probs.shape[-2:]
     wy = _resize_weights(low_h, input_size[0], out_h, stride, mask_probs.device)
     wx = _resize_weights(low_w, input_size[1], out_w, stride, mask_probs.device)
-    (fy, ly), (fx, lx) = (t.tolist() for t in _support(wy)), (t.tolist() for t in _support(wx))
+    # Each output row/column mixes a contiguous run of cells: the window of cells a box needs.
+    (fy, ly), (fx, lx) = (t.tolist() for t in _true_span(wy != 0)), (t.tolist() for t in _true_span(wx != 0))
     wy, wx = wy.to(mask_probs.dtype), wx.to(mask_probs.dtype)
     for m, (x1, y1, x2, y2) in enumerate(boxes.long().tolist()):
         if x2 <= x1 or y2 <= y1:
@@ -114,18 +114,14 @@ def mask_extent_boxes(
     only cells whose centre lies inside it count. ``fallback`` (M, 4) is returned where no cell counts.
     """
     positive = mask_logits > 0
-    h, w = mask_logits.shape[-2:]
-    ys = torch.arange(h, device=mask_logits.device)
-    xs = torch.arange(w, device=mask_logits.device)
     if region is not None:
-        cy, cx = (ys + 0.5) * stride, (xs + 0.5) * stride
+        h, w = mask_logits.shape[-2:]
+        cy = (torch.arange(h, device=mask_logits.device) + 0.5) * stride
+        cx = (torch.arange(w, device=mask_logits.device) + 0.5) * stride
         in_y = (cy[None, :] >= region[:, 1:2]) & (cy[None, :] <= region[:, 3:4])
         in_x = (cx[None, :] >= region[:, 0:1]) & (cx[None, :] <= region[:, 2:3])
         positive = positive & in_y[:, :, None] & in_x[:, None, :]
-    rows, cols = positive.any(2), positive.any(1)
-    y1 = torch.where(rows, ys, h).amin(1)
-    y2 = torch.where(rows, ys, -1).amax(1) + 1
-    x1 = torch.where(cols, xs, w).amin(1)
-    x2 = torch.where(cols, xs, -1).amax(1) + 1
+    rows = positive.any(2)
+    (y1, y2), (x1, x2) = _true_span(rows), _true_span(positive.any(1))
     boxes = torch.stack([x1, y1, x2, y2], dim=1).to(fallback.dtype) * stride
     return torch.where(rows.any(1)[:, None], boxes, fallback)
