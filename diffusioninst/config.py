@@ -30,6 +30,7 @@ def add_diffusioninst_config(cfg: CN) -> None:
     d.NUM_HEADS = 6  # decoder stages
     d.NUM_DYNAMIC = 2  # dynamic 1x1 layers in the instance interaction
     d.DIM_DYNAMIC = 64  # width of the dynamic layers
+    d.ONEDNN_LINEAR = True  # on CPU, float32 head Linear layers by oneDNN (faster than MKL on AMD); False: F.linear
 
     # Mask branch F_mask and dynamic mask head phi (CondInst without relative coordinates).
     d.MASK_IN_FEATURES = ("p2", "p3", "p4")  # FPN levels fused into F_mask (released weights: p2-p4)

@@ -10,9 +10,11 @@ from the method's description.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import random
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,31 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes, Instances
 from fvcore.nn import sigmoid_focal_loss
 
+from diffusioninst.modeling.linear import Linear
 from diffusioninst.modeling.mask_branch import aligned_bilinear
+
+
+@contextlib.contextmanager
+def torch_linear(model) -> Iterator[None]:
+    """The original's Linear layers are torch's own (F.linear, MKL on CPU): switch ours off for the duration."""
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    before = [m.use_onednn for m in layers]
+    for m in layers:
+        m.use_onednn = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(layers, before):
+            m.use_onednn = flag
+
+
+def _with_torch_linear(fn):
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        with torch_linear(model):
+            return fn(model, *args, **kwargs)
+
+    return wrapper
 
 
 def cxcywh_to_xyxy(x):
@@ -162,6 +188,7 @@ def postprocess(boxes, scores, labels, mask_probs, input_size, output_size):
 
 
 @torch.no_grad()
+@_with_torch_linear
 def original_inference(model, batched_input, init_img, sample_steps=1, box_renewal=True, ensemble=True, eta=1.0):
     """One image through the original's DDIM sampling (global RNG for noise), ensemble without the last step."""
     images, whwh = model.preprocess_image([batched_input])
@@ -419,6 +446,7 @@ def loss_masks(
     return {"loss_masks": total / num if num else kernels.sum() * 0}
 
 
+@_with_torch_linear
 def original_training_losses(model, batched_inputs: Sequence[Dict], boxes: torch.Tensor, t: torch.Tensor) -> Dict:
     """The original training losses for noisy abs xyxy boxes (B, N, 4) at steps t (B,); weighted, our loss keys.
 

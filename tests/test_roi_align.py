@@ -1,6 +1,9 @@
-"""The sparse-matrix RoIAlign backward equals torchvision's gradient; the forward is torchvision's own."""
+"""The sparse-matrix RoIAlign backward equals torchvision's gradient; the parallel forward is bit-identical to it."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -9,7 +12,9 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
 from torchvision.ops import roi_align
 
-from diffusioninst.modeling.roi_align import ROIAlignFastBackward, roi_align_fast_backward, use_fast_roi_align_backward
+from diffusioninst.modeling.roi_align import (
+    ROIAlignFastBackward, parallel_roi_align, roi_align_fast_backward, use_fast_roi_align_backward,
+)
 
 
 def _rois(num: int, batch: int, extent: float, seed: int = 0) -> torch.Tensor:
@@ -62,3 +67,55 @@ def test_pooler_swap_keeps_forward_and_gradient():
 def test_needs_fixed_sampling_ratio():
     with pytest.raises(ValueError, match="POOLER_SAMPLING_RATIO"):
         roi_align_fast_backward(torch.zeros(1, 1, 4, 4), torch.zeros(1, 5), (2, 2), 1.0, 0, True)
+
+
+@pytest.fixture
+def three_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # chunked even on a one-core machine
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_parallel_forward_is_bit_identical_to_one_torchvision_call(three_threads, dtype):
+    torch.manual_seed(0)
+    features = torch.randn(3, 16, 40, 52, dtype=dtype)
+    rois = _rois(101, 3, 52 / 0.25).to(dtype)
+    for sampling_ratio in (2, 0):
+        expected = roi_align(features, rois, (7, 7), 0.25, sampling_ratio, True)
+        assert torch.equal(parallel_roi_align(features, rois, (7, 7), 0.25, sampling_ratio, True), expected)
+        assert torch.equal(ROIAlignFastBackward((7, 7), 0.25, sampling_ratio)(features, rois), expected)
+
+
+def test_parallel_forward_under_autocast_matches_torchvisions_float32_cast(three_threads):
+    torch.manual_seed(0)
+    features = torch.randn(2, 8, 30, 30).bfloat16()
+    rois = _rois(60, 2, 120)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = roi_align(features, rois, (7, 7), 0.25, 2, True)  # torchvision's autocast kernel: float32 inside
+        got = parallel_roi_align(features, rois, (7, 7), 0.25, 2, True)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    assert torch.equal(got, expected)
+
+
+FORK_SCRIPT = """
+import os, sys, torch
+from diffusioninst.modeling.roi_align import parallel_roi_align
+torch.set_num_threads(3)
+features = torch.randn(1, 4, 20, 20)
+rois = torch.cat([torch.zeros(50, 1), torch.rand(50, 2) * 40, 40 + torch.rand(50, 2) * 40], 1)
+expected = parallel_roi_align(features, rois, (7, 7), 0.25, 2, True)  # the parent's worker threads now exist
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if torch.equal(parallel_roi_align(features, rois, (7, 7), 0.25, 2, True), expected) else 1)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_parallel_forward_works_in_a_forked_child():
+    # A fresh interpreter: libgomp itself hangs in a child forked after the parent ran an OpenMP region.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", FORK_SCRIPT], cwd=root, timeout=60, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -18,6 +18,7 @@ from torch import nn
 from .box_ops import apply_box_deltas, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .diffusion import signal_from_filters
 from .dynamic_mask_head import dynamic_mask_logits
+from .linear import Linear
 from .mask_branch import MaskRefine, MaskTower
 from .postprocess import mask_extent_boxes
 
@@ -48,17 +49,18 @@ class DynamicInteraction(nn.Module):
         self.hidden_dim = hidden_dim
         self.dim_dynamic = dim_dynamic
         self.num_params = hidden_dim * dim_dynamic
-        self.dynamic_layer = nn.Linear(hidden_dim, num_dynamic * self.num_params)
+        self.dynamic_layer = Linear(hidden_dim, num_dynamic * self.num_params)
         self.norm1 = nn.LayerNorm(dim_dynamic)
         self.norm2 = nn.LayerNorm(hidden_dim)
-        self.out_layer = nn.Linear(hidden_dim * pooler_resolution**2, hidden_dim)
+        self.out_layer = Linear(hidden_dim * pooler_resolution**2, hidden_dim)
         self.norm3 = nn.LayerNorm(hidden_dim)
 
     def forward(self, pro_features: torch.Tensor, roi_features: torch.Tensor) -> torch.Tensor:
         """pro_features (R, d), roi_features (R, S*S, d) -> (R, d) with R = batch * proposals."""
-        params = self.dynamic_layer(pro_features)
-        param1 = params[:, : self.num_params].view(-1, self.hidden_dim, self.dim_dynamic)
-        param2 = params[:, self.num_params :].view(-1, self.dim_dynamic, self.hidden_dim)
+        # split (not two slices): its backward concatenates the two gradients instead of zero-filling two copies.
+        param1, param2 = self.dynamic_layer(pro_features).split(self.num_params, dim=1)
+        param1 = param1.view(-1, self.hidden_dim, self.dim_dynamic)
+        param2 = param2.view(-1, self.dim_dynamic, self.hidden_dim)
         x = F.relu(self.norm1(torch.bmm(roi_features, param1)))
         x = F.relu(self.norm2(torch.bmm(x, param2)))
         return F.relu(self.norm3(self.out_layer(x.flatten(1))))
@@ -67,7 +69,7 @@ class DynamicInteraction(nn.Module):
 def _linear_ln_relu_blocks(dim: int, num_blocks: int) -> nn.ModuleList:
     layers: List[nn.Module] = []
     for _ in range(num_blocks):
-        layers += [nn.Linear(dim, dim, bias=False), nn.LayerNorm(dim), nn.ReLU(inplace=True)]
+        layers += [Linear(dim, dim, bias=False), nn.LayerNorm(dim), nn.ReLU(inplace=True)]
     return nn.ModuleList(layers)
 
 
@@ -97,10 +99,10 @@ class DecoderStage(nn.Module):
         self.d_model = d_model
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.inst_interact = DynamicInteraction(d_model, dim_dynamic, num_dynamic, pooler_resolution)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear1 = Linear(d_model, dim_feedforward)
         self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.controller = nn.Linear(d_model, num_mask_params)
+        self.linear2 = Linear(dim_feedforward, d_model)
+        self.controller = Linear(d_model, num_mask_params)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
@@ -108,11 +110,11 @@ class DecoderStage(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)
         self.activation = _ACTIVATIONS[activation]
-        self.block_time_mlp = nn.Sequential(nn.SiLU(), nn.Linear(d_model * 4, d_model * 2))
+        self.block_time_mlp = nn.Sequential(nn.SiLU(), Linear(d_model * 4, d_model * 2))
         self.cls_module = _linear_ln_relu_blocks(d_model, num_cls)
         self.reg_module = _linear_ln_relu_blocks(d_model, num_reg)
-        self.class_logits = nn.Linear(d_model, num_classes)
-        self.bboxes_delta = nn.Linear(d_model, 4)
+        self.class_logits = Linear(d_model, num_classes)
+        self.bboxes_delta = Linear(d_model, 4)
         self.bbox_weights = bbox_weights
         self.scale_clamp = scale_clamp
 
@@ -199,7 +201,7 @@ class DiffusionInstHead(nn.Module):
         # Filter denoising (beyond the paper): each stage embeds the filter signal it is given (the noisy state at
         # the first stage, the previous stage's filters after it) into its proposal features.
         self.filter_embed = (
-            nn.ModuleList([nn.Linear(stage.controller.out_features, hidden_dim) for _ in range(num_stages)])
+            nn.ModuleList([Linear(stage.controller.out_features, hidden_dim) for _ in range(num_stages)])
             if filter_denoising else None
         )
         self.mask_refine = MaskRefine(num_mask_levels, hidden_dim, mask_branch_channels)
@@ -207,9 +209,9 @@ class DiffusionInstHead(nn.Module):
         time_dim = hidden_dim * 4
         self.time_mlp = nn.Sequential(
             SinusoidalTimeEmbedding(hidden_dim),
-            nn.Linear(hidden_dim, time_dim),
+            Linear(hidden_dim, time_dim),
             nn.GELU(),
-            nn.Linear(time_dim, time_dim),
+            Linear(time_dim, time_dim),
         )
         self.deep_supervision = deep_supervision
         self.boxes_from_masks = boxes_from_masks

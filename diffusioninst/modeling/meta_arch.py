@@ -17,6 +17,7 @@ from .criterion import SetCriterion
 from .diffusion import corrupt_boxes, diffusion_buffers, pad_boxes, q_sample, signal_from_filters
 from .dynamic_mask_head import dynamic_mask_logits, num_mask_head_params
 from .head import DecoderStage, DiffusionInstHead
+from .linear import set_onednn_linear
 from .losses import fed_loss_class_weights
 from .matcher import DynamicKMatcher
 from .roi_align import use_fast_roi_align_backward
@@ -157,6 +158,7 @@ class DiffusionInst(nn.Module):
             mask_stride=mask_stride,
             mask_box_search_scale=d.MASK_BOX_SEARCH_SCALE,
         )
+        set_onednn_linear(head, d.ONEDNN_LINEAR)
         matcher = DynamicKMatcher(
             cost_class=d.CLASS_WEIGHT, cost_bbox=d.L1_WEIGHT, cost_giou=d.GIOU_WEIGHT, ota_k=d.OTA_K,
             use_focal=d.USE_FOCAL, use_fed_loss=d.USE_FED_LOSS, focal_alpha=d.ALPHA, focal_gamma=d.GAMMA,
