@@ -27,7 +27,7 @@ def _boxes(n, h, w, g):
     wh = torch.rand(n, 2, generator=g) * torch.tensor([w, h]) * 0.8
     boxes = torch.cat([xy, xy + wh], 1)
     boxes[0] = torch.tensor([0.0, 0.0, w, h])  # the whole image
-    boxes[1] = torch.tensor([w - 0.5, 3.0, w, 9.0])  # less than a pixel wide: empty
+    boxes[1] = torch.tensor([w - 0.7, 3.0, w - 0.2, 9.0])  # inside one pixel column: empty after truncation
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
     return boxes
@@ -38,6 +38,8 @@ def _boxes(n, h, w, g):
     ((24, 32), (93, 125), (186, 250)),  # padded input, upscaled output
     ((25, 30), (99, 117), (61, 73)),  # downscaled output
     ((8, 8), (32, 29), (480, 640)),  # large upscaling
+    ((100, 152), (400, 608), (400, 608)),  # COCO-like: large boxes take the banded products
+    ((100, 152), (397, 605), (300, 457)),  # ... and with a downscaled output
 ])
 def test_masks_inside_boxes_equal_the_full_image_computation(low, input_size, output_size):
     g = torch.Generator().manual_seed(0)
@@ -76,3 +78,22 @@ def test_nms_and_cap():
     assert nms_and_cap(boxes, scores, labels, 0.5, True, 0).tolist() == [0, 2, 3]
     assert nms_and_cap(boxes, scores, labels, 0.5, True, 2).tolist() == [0, 2]
     assert nms_and_cap(boxes, scores, labels, 0.5, False, 3).tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("low_len,in_len,out_len", [(152, 608, 608), (152, 605, 1210), (152, 605, 301)])
+def test_banded_resize_product_equals_the_dense_one(monkeypatch, low_len, in_len, out_len):
+    from diffusioninst.modeling import postprocess
+
+    weights = postprocess._resize_weights(low_len, in_len, out_len, 4, torch.device("cpu"))
+    band = postprocess._ResizeBand(weights, torch.float32)
+    calls = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(1) or bmm(*a))
+    g = torch.Generator().manual_seed(0)
+    for a, b in [(0, out_len), (3, out_len - 5), (out_len // 3, out_len // 3 + 70), (10, 40)]:
+        c0, c1 = band.cells(a, b)
+        x = torch.rand(c1 - c0, 9, generator=g)
+        dense = weights[a:b, c0:c1].float() @ x
+        assert weights[a:b, :c0].abs().sum() == 0 and weights[a:b, c1:].abs().sum() == 0  # the run holds every weight
+        torch.testing.assert_close(band.apply(a, b, x), dense, rtol=1e-5, atol=1e-6)
+    assert calls, "the banded product was never taken"

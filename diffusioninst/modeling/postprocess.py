@@ -8,6 +8,8 @@ from detectron2.layers import batched_nms
 
 __all__ = ["select_topk", "nms_and_cap", "masks_to_image", "mask_extent_boxes"]
 
+BAND_CHUNK = 64  # output rows (columns) per tile of the banded mask-resize products
+
 
 def select_topk(
     logits: torch.Tensor, boxes: torch.Tensor, filters: torch.Tensor, k: int
@@ -80,29 +82,60 @@ def masks_to_image(
 
     Equals: aligned x4 upsampling, crop to the unpadded input (h_in, w_in), bilinear resize to the output size,
     threshold, zero outside each box (``boxes`` (M, 4) in output coordinates, clipped; pixels [x1, x2) x [y1, y2)
-    of the integer-truncated box). Computed inside each box only, as (rows x cells) @ probs @ (cells x cols),
-    instead of resizing every mask to the full image.
+    of the integer-truncated box). Computed inside each box only, as (rows x cells) @ probs @ (cells x cols) with
+    banded products, instead of resizing every mask to the full image.
     """
     out_h, out_w = output_size
     result = torch.zeros((len(mask_probs), out_h, out_w), dtype=torch.bool, device=mask_probs.device)
     if len(mask_probs) == 0:
         return result
     low_h, low_w = mask_probs.shape[-2:]
-    wy = _resize_weights(low_h, input_size[0], out_h, stride, mask_probs.device)
-    wx = _resize_weights(low_w, input_size[1], out_w, stride, mask_probs.device)
-    # Each output row/column mixes a contiguous run of cells: the window of cells a box needs.
-    (fy, ly), (fx, lx) = (t.tolist() for t in _true_span(wy != 0)), (t.tolist() for t in _true_span(wx != 0))
-    wy, wx = wy.to(mask_probs.dtype), wx.to(mask_probs.dtype)
+    band_y = _ResizeBand(_resize_weights(low_h, input_size[0], out_h, stride, mask_probs.device), mask_probs.dtype)
+    band_x = _ResizeBand(_resize_weights(low_w, input_size[1], out_w, stride, mask_probs.device), mask_probs.dtype)
     for m, (x1, y1, x2, y2) in enumerate(boxes.long().tolist()):
         if x2 <= x1 or y2 <= y1:
             continue
-        cy0, cy1, cx0, cx1 = fy[y1], ly[y2 - 1], fx[x1], lx[x2 - 1]
-        rows, window, cols = wy[y1:y2, cy0:cy1], mask_probs[m, cy0:cy1, cx0:cx1], wx[x1:x2, cx0:cx1].t()
-        # The cheaper order of the two products (bh, bw: box size; ch, cw: its cells).
-        bh, bw, ch, cw = y2 - y1, x2 - x1, cy1 - cy0, cx1 - cx0
-        values = (rows @ window) @ cols if bh * cw * (ch + bw) <= bw * ch * (cw + bh) else rows @ (window @ cols)
-        result[m, y1:y2, x1:x2] = values > threshold
+        (cy0, cy1), (cx0, cx1) = band_y.cells(y1, y2), band_x.cells(x1, x2)
+        window = mask_probs[m, cy0:cy1, cx0:cx1]
+        # rows @ window @ cols^T: first along x (box columns x cells), then along y.
+        values = band_y.apply(y1, y2, band_x.apply(x1, x2, window.t()).t())
+        torch.gt(values, threshold, out=result[m, y1:y2, x1:x2])
     return result
+
+
+class _ResizeBand:
+    """One axis' resize weights (out_len, low_len); every output pixel mixes a short run of cells.
+
+    ``apply`` multiplies the weights of output pixels [a, b) with the cells they touch, ``BAND_CHUNK`` pixels at a
+    time against only the cells of that chunk (one batched product): a dense product would spend
+    low_len/run multiply-adds per useful one on large boxes.
+    """
+
+    def __init__(self, weights: torch.Tensor, dtype: torch.dtype):
+        first, last = _true_span(weights != 0)
+        self.weights = weights.to(dtype)
+        self.first, self.last = first, last
+        self.first_list, self.last_list = first.tolist(), last.tolist()
+
+    def cells(self, a: int, b: int) -> Tuple[int, int]:
+        """The run of cells [c0, c1) that output pixels [a, b) touch."""
+        return self.first_list[a], self.last_list[b - 1]
+
+    def apply(self, a: int, b: int, x: torch.Tensor) -> torch.Tensor:
+        """weights[a:b, c0:c1] @ x for x (c1 - c0, m) -> (b - a, m), with (c0, c1) = ``cells(a, b)``."""
+        c0, c1 = self.cells(a, b)
+        n, chunk = b - a, BAND_CHUNK
+        if n <= chunk:
+            return self.weights[a:b, c0:c1] @ x
+        num_chunks = -(-n // chunk)
+        rows = (a + torch.arange(num_chunks * chunk, device=x.device)).clamp(max=b - 1).view(num_chunks, chunk)
+        first, last = self.first[rows[:, 0]], self.last[rows].amax(1)
+        width = int((last - first).max())
+        if 2 * width > c1 - c0:  # the runs cover most cells: the dense product is as cheap
+            return self.weights[a:b, c0:c1] @ x
+        cells = first.clamp(max=c1 - width)[:, None] + torch.arange(width, device=x.device)  # (chunks, width)
+        tiles = self.weights[rows[:, :, None], cells[:, None, :]]  # (chunks, chunk, width)
+        return torch.bmm(tiles, x[cells - c0]).view(num_chunks * chunk, -1)[:n]
 
 
 def mask_extent_boxes(
