@@ -130,6 +130,20 @@ def roi_align_matrix(
         )
 
 
+def _transposed_csr(matrix: Tensor) -> Tensor:
+    """W^T in CSR from the uncoalesced COO matrix W, by one stable sort of the column indices.
+
+    Repeated (row, column) entries (sample points of one bin sharing a corner) stay separate entries, which the
+    CSR product sums; this skips the coalescing (sort and merge) of ``to_sparse_csr``.
+    """
+    (rows, cols), values = matrix._indices(), matrix._values()
+    num_rows, num_cols = matrix.shape
+    cols, order = torch.sort(cols, stable=True)
+    crow = torch.zeros(num_cols + 1, dtype=torch.long, device=cols.device)
+    crow[1:] = torch.bincount(cols, minlength=num_cols).cumsum(0)
+    return torch.sparse_csr_tensor(crow, rows[order], values[order], (num_cols, num_rows), check_invariants=False)
+
+
 class _RoIAlignFastBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features, rois, output_size, spatial_scale, sampling_ratio, aligned):
@@ -148,7 +162,7 @@ class _RoIAlignFastBackward(torch.autograd.Function):
         grad = grad_out.permute(0, 2, 3, 1).reshape(-1, c).to(dtype)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Ss]parse.*beta.*")
-            grad_features = matrix.t().to_sparse_csr() @ grad
+            grad_features = _transposed_csr(matrix) @ grad
         return grad_features.view(b, h, w, c).permute(0, 3, 1, 2).to(grad_out.dtype), None, None, None, None, None
 
 
