@@ -25,6 +25,11 @@ def _inputs():
     ]
 
 
+# The reference convolves contiguous tensors: compare the algorithms on the same memory layout (channels-last is
+# compared with contiguous on its own in test_channels_last_matches_contiguous).
+SAME_LAYOUT = ("TEST.CHANNELS_LAST", False)
+
+
 def _eval_model(*opts, seed=0):
     torch.manual_seed(seed)
     model = build_model(tiny_cfg("TEST.DETECTIONS_PER_IMAGE", 0, *opts)).eval()
@@ -49,7 +54,8 @@ def _assert_same_instances(a: Instances, b: Instances):
 @pytest.mark.parametrize("steps", [1, 4])
 def test_inference_equals_original_code_path(steps):
     """Same weights and initial boxes: our batched path reproduces the original's (one image, original ensemble)."""
-    model = _eval_model("MODEL.DiffusionInst.SAMPLE_STEP", steps, "MODEL.DiffusionInst.ENSEMBLE_LAST_STEP", False)
+    model = _eval_model("MODEL.DiffusionInst.SAMPLE_STEP", steps, "MODEL.DiffusionInst.ENSEMBLE_LAST_STEP", False,
+                        *SAME_LAYOUT)
     x = _inputs()[0]
     init = torch.randn(1, model.num_proposals, 4, generator=torch.Generator().manual_seed(5))
     torch.manual_seed(123)
@@ -62,7 +68,8 @@ def test_inference_equals_original_code_path(steps):
 def test_capped_inference_keeps_the_original_top_instances(steps):
     """With TEST.DETECTIONS_PER_IMAGE, masks are computed for the kept instances only: the original's top ones."""
     cap = 8
-    model = _eval_model("MODEL.DiffusionInst.SAMPLE_STEP", steps, "MODEL.DiffusionInst.ENSEMBLE_LAST_STEP", False)
+    model = _eval_model("MODEL.DiffusionInst.SAMPLE_STEP", steps, "MODEL.DiffusionInst.ENSEMBLE_LAST_STEP", False,
+                        *SAME_LAYOUT)
     model.max_detections = cap
     x = _inputs()[0]
     init = torch.randn(1, model.num_proposals, 4, generator=torch.Generator().manual_seed(5))
@@ -209,3 +216,21 @@ def test_training_under_autocast_gives_float32_losses_and_gradients(opts):
     sum(losses.values()).backward()
     grad = model.head.head_series[0].controller.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_channels_last_matches_contiguous():
+    """TEST.CHANNELS_LAST: the backbone sees a channels-last input, the decoder contiguous features; same detections."""
+    ours, plain = _eval_model(), _eval_model(*SAME_LAYOUT)
+    assert ours.channels_last and not plain.channels_last
+    seen = []
+    ours.backbone.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    images, _ = ours.preprocess_image(_inputs()[:1])
+    with torch.no_grad():
+        features, mask_feats = ours.extract_features(images)
+    assert seen == [True] and all(f.is_contiguous() for f in features) and mask_feats.is_contiguous()
+    x = _inputs()[0]
+    init = torch.randn(1, ours.num_proposals, 4, generator=torch.Generator().manual_seed(5))
+    got = ours.inference([x], init_boxes=init, generators=[torch.Generator().manual_seed(1)])[0]["instances"]
+    expected = plain.inference([x], init_boxes=init, generators=[torch.Generator().manual_seed(1)])[0]["instances"]
+    _assert_same_instances(got, expected)

@@ -354,7 +354,7 @@ def instrument_ours(model: nn.Module, timer: PartTimer) -> Iterator[None]:
     """Time the parts of DiffusionInst.inference: hooks and wrappers on the calls it makes, nothing re-implemented."""
     meta_arch = sys.modules[type(model).__module__]
     timer.wrap(model, "preprocess_image", "preprocess")
-    timer.hook(model.backbone, "backbone_fpn")
+    timer.wrap(model, "extract_features", "_features")  # backbone + FPN (with layout conversions) + mask branch
     timer.wrap(model.head, "mask_features", "mask_branch")
     timer.hook(model.head, "decoder")  # head.forward: every stage, once per DDIM step
     timer.wrap(meta_arch, "dynamic_mask_logits", "mask_head")
@@ -386,6 +386,8 @@ def instrumented_call(fn: Callable[[], Any], instrument: Callable[[PartTimer], A
     parts = dict(timer.times)
     if "_head" in parts:  # original: the head function holds the mask branch, the time MLP and the stages
         parts["mask_branch"] = max(parts.pop("_head") - parts.get("decoder", 0.0), 0.0)
+    if "_features" in parts:  # ours: feature extraction holds the backbone and the mask branch
+        parts["backbone_fpn"] = max(parts.pop("_features") - parts.get("mask_branch", 0.0), 0.0)
     parts["after_decoder"] = max(total - sum(parts.get(p, 0.0) for p in TOP_PARTS[:-1]), 0.0)
     parts["total"] = total
     return parts

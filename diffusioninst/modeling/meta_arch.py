@@ -66,6 +66,7 @@ class DiffusionInst(nn.Module):
         mask_threshold: float = 0.5,
         inference_seed: int = -1,
         inference_dtype: Optional[str] = None,
+        channels_last: bool = False,
     ):
         super().__init__()
         if num_proposals < 1:
@@ -98,6 +99,7 @@ class DiffusionInst(nn.Module):
         self.inference_seed = inference_seed
         self.filter_denoising = head.filter_embed is not None
         self.inference_dtype = getattr(torch, inference_dtype) if inference_dtype else None
+        self.channels_last = channels_last
         self.num_mask_params = num_mask_head_params(*mask_head_layout)
 
     @classmethod
@@ -200,6 +202,7 @@ class DiffusionInst(nn.Module):
             "mask_threshold": d.MASK_THRESHOLD,
             "inference_seed": d.INFERENCE_SEED,
             "inference_dtype": cfg.TEST.AMP.DTYPE if cfg.TEST.AMP.ENABLED else None,
+            "channels_last": cfg.TEST.CHANNELS_LAST,
         }
 
     @property
@@ -214,10 +217,17 @@ class DiffusionInst(nn.Module):
         return images, whwh
 
     def extract_features(self, images: ImageList) -> Tuple[List[torch.Tensor], torch.Tensor]:
-        """RoI-pooling features (the decoder's levels) and F_mask (B, c, H/4, W/4)."""
-        features = self.backbone(images.tensor)
+        """RoI-pooling features (the decoder's levels) and F_mask (B, c, H/4, W/4), both contiguous NCHW.
+
+        At inference with ``channels_last`` the backbone and mask branch convolve in channels-last memory format
+        (faster CPU kernels); their outputs are made contiguous once here, as RoIAlign would copy them per call.
+        """
+        x = images.tensor
+        if self.channels_last and not self.training:
+            x = x.contiguous(memory_format=torch.channels_last)
+        features = self.backbone(x)
         mask_feats = self.head.mask_features([features[f] for f in self.mask_in_features])
-        return [features[f] for f in self.in_features], mask_feats
+        return [features[f].contiguous() for f in self.in_features], mask_feats.contiguous()
 
     def forward(self, batched_inputs: List[Dict]):
         """Training: dict of losses. Inference: list of {"instances": Instances} at each input's height/width."""
