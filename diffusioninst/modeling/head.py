@@ -61,8 +61,8 @@ class DynamicInteraction(nn.Module):
         param1, param2 = self.dynamic_layer(pro_features).split(self.num_params, dim=1)
         param1 = param1.view(-1, self.hidden_dim, self.dim_dynamic)
         param2 = param2.view(-1, self.dim_dynamic, self.hidden_dim)
-        x = F.relu(self.norm1(torch.bmm(roi_features, param1)))
-        x = F.relu(self.norm2(torch.bmm(x, param2)))
+        x = F.relu(self.norm1(torch.bmm(roi_features, param1)), inplace=True)  # in place: no second buffer per layer
+        x = F.relu(self.norm2(torch.bmm(x, param2)), inplace=True)
         return F.relu(self.norm3(self.out_layer(x.flatten(1))))
 
 
