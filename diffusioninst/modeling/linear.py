@@ -1,11 +1,13 @@
 """nn.Linear whose float32 CPU products run oneDNN's inner product instead of torch's default (MKL) sgemm.
 
 The decoder's large layers (the dynamic layer 256 -> 32768 and the interaction output 12544 -> 256, six stages) are
-most of DiffusionInst's CPU time. On CPUs where MKL's sgemm does not use AVX-512 (AMD's: measured 2.2x on an EPYC
-here), oneDNN's float32 kernels (``torch.ops.mkldnn._linear_pointwise``, the op Inductor uses on CPU) are 2-3x
-faster; forward, input gradient and weight gradient all go through it. The arithmetic is float32 with float32
-accumulation, only summed in another order. Other devices and dtypes, autocast, and torch builds without the op use
-``F.linear`` unchanged; ``set_onednn_linear(module, False)`` switches a model back to it.
+most of DiffusionInst's CPU time. On CPUs where MKL's sgemm does not use AVX-512 (on the AMD EPYC we measure on:
+55 GMAC/s on one core against 123 for oneDNN), oneDNN's float32 kernels (``torch.ops.mkldnn._linear_pointwise``,
+the op Inductor uses on CPU) are faster: for the dynamic layer at 200 rows, 21 -> 8 ms forward and 17 -> 9 ms for
+the input gradient. Forward, input gradient and weight gradient all go through it; the arithmetic is float32 with
+float32 accumulation, only summed in another order. oneDNN builds a kernel per shape, so this suits layers whose
+shapes repeat. Other devices and dtypes, autocast, and torch builds without the op use ``F.linear`` unchanged;
+``set_onednn_linear(module, False)`` switches a model back to it.
 """
 from __future__ import annotations
 
