@@ -119,3 +119,16 @@ def test_parallel_forward_works_in_a_forked_child():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", FORK_SCRIPT], cwd=root, timeout=60, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_one_pool_serves_calls_with_few_and_many_rois(three_threads):
+    from diffusioninst.modeling import roi_align as module
+
+    features = torch.randn(1, 4, 30, 30)
+    for num in (100, 20, 60):  # 3, 2 and 3 chunks
+        rois = _rois(num, 1, 120)
+        assert torch.equal(parallel_roi_align(features, rois, (7, 7), 0.25, 2, True),
+                           roi_align(features, rois, (7, 7), 0.25, 2, True))
+        if num == 100:
+            pool = module._pool
+    assert module._pool is pool and module._pool_workers == 3

@@ -27,23 +27,24 @@ __all__ = [
 MIN_ROIS_PER_CHUNK = 8  # fewer RoIs than this per thread are pooled in one serial call (thread hand-off costs more)
 
 _pool: Optional[ThreadPoolExecutor] = None
+_pool_workers = 0
 _pool_lock = threading.Lock()
 
 
 def _thread_pool(workers: int) -> ThreadPoolExecutor:
-    """A process-wide pool with ``workers`` threads (rebuilt if the thread count changes, dropped in forked children)."""
-    global _pool
+    """A process-wide pool of ``workers`` threads (torch's intra-op thread count; rebuilt when that changes)."""
+    global _pool, _pool_workers
     with _pool_lock:
-        if _pool is None or _pool._max_workers != workers:
+        if _pool is None or _pool_workers != workers:
             if _pool is not None:
                 _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="roi_align")
+            _pool, _pool_workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="roi_align"), workers
         return _pool
 
 
 def _forget_pool_after_fork() -> None:
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()  # the parent's worker threads do not exist in the child
+    global _pool, _pool_workers, _pool_lock
+    _pool, _pool_workers, _pool_lock = None, 0, threading.Lock()  # the parent's threads do not exist in the child
 
 
 os.register_at_fork(after_in_child=_forget_pool_after_fork)
@@ -58,7 +59,8 @@ def parallel_roi_align(
     Bit-identical to one torchvision call (each RoI is pooled independently by the same kernel); on other devices,
     or with few RoIs, it is that call. Not differentiable itself: callers wrap it (see ``_RoIAlignFastBackward``).
     """
-    chunks = min(torch.get_num_threads(), rois.shape[0] // MIN_ROIS_PER_CHUNK)
+    threads = torch.get_num_threads()
+    chunks = min(threads, rois.shape[0] // MIN_ROIS_PER_CHUNK)
     if features.device.type != "cpu" or chunks < 2:
         return roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
     dtype = features.dtype
@@ -66,7 +68,7 @@ def parallel_roi_align(
         # Autocast is thread-local, so its float32 cast of torchvision's op does not happen in the workers: do it here.
         features, rois = features.float(), rois.float()
     features = features.detach()
-    parts = _thread_pool(chunks).map(
+    parts = _thread_pool(threads).map(
         lambda r: roi_align(features, r, output_size, spatial_scale, sampling_ratio, aligned), rois.chunk(chunks)
     )
     return torch.cat(list(parts)).to(dtype)
