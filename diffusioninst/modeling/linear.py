@@ -11,6 +11,7 @@ shapes repeat. Other devices and dtypes, autocast, and torch builds without the 
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -20,8 +21,9 @@ from torch import Tensor, nn
 __all__ = ["Linear", "onednn_linear", "onednn_linear_available", "set_onednn_linear"]
 
 
+@functools.lru_cache(maxsize=None)
 def onednn_linear_available() -> bool:
-    """Whether this torch build has oneDNN and its dense-input inner-product op."""
+    """Whether this torch build has oneDNN and its dense-input inner-product op (checked once per process)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
