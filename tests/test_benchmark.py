@@ -120,12 +120,14 @@ def test_instrumentation_is_removed_after_the_call(one_thread):
     model = build_model(cfg).eval()
     ref = bench.load_reference()
     meta_arch = sys.modules[type(model).__module__]
-    before = (meta_arch.dynamic_mask_logits, meta_arch.masks_to_image, ref.head_forward, ref.stage_forward)
+    before = (meta_arch.DynamicMaskWindows.window, meta_arch.masks_to_image, ref.head_forward, ref.stage_forward)
     cases = bench.inference_cases(model, cfg, bench.random_images(1, (64, 96)), ["ours", "original"], [1])
     for case in cases:
         parts = bench.instrumented_call(case["fn"], case["instrument"], model.device)
         assert parts["decoder"] > 0 and parts["total"] > 0
-    assert (meta_arch.dynamic_mask_logits, meta_arch.masks_to_image, ref.head_forward, ref.stage_forward) == before
+        if case["impl"] == "ours":
+            assert parts["mask_head"] > 0 and parts["paste_masks"] > 0
+    assert (meta_arch.DynamicMaskWindows.window, meta_arch.masks_to_image, ref.head_forward, ref.stage_forward) == before
     assert "mask_features" not in vars(model.head) and "preprocess_image" not in vars(model)
     assert "extract_features" not in vars(model)
     assert not model.backbone._forward_hooks and not model.backbone._forward_pre_hooks and not model.head._forward_hooks

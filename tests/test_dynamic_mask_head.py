@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusioninst.modeling.dynamic_mask_head import (
+    DynamicMaskWindows,
     dynamic_mask_logits,
     mask_head_param_layout,
     num_mask_head_params,
@@ -116,3 +117,21 @@ def test_chunking_is_transparent(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.testing.assert_close(
         dynamic_mask_logits(feats[:1], params, zeros), _grouped_conv_reference(feats[:1], params, zeros)
     )
+
+
+@pytest.mark.parametrize("layout", [(8, 8, 3), (8, 4, 2), (6, 8, 1)])
+def test_windows_equal_the_full_map(layout) -> None:
+    in_ch, ch, layers = layout
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(1, in_ch, 20, 27, generator=g)
+    params = torch.randn(5, num_mask_head_params(in_ch, ch, layers), generator=g) * 0.5
+    full = dynamic_mask_logits(feats, params, torch.zeros(5, dtype=torch.long), in_ch, ch, layers).sigmoid()
+    windows = DynamicMaskWindows(feats[0], params, in_ch, ch, layers)
+    assert windows.shape == (5, 20, 27) and len(windows) == 5
+    for m, (y0, y1, x0, x1) in enumerate([(0, 20, 0, 27), (3, 4, 5, 19), (7, 20, 0, 1), (0, 11, 26, 27), (5, 9, 2, 8)]):
+        torch.testing.assert_close(windows.window(m, y0, y1, x0, x1), full[m, y0:y1, x0:x1], rtol=1e-5, atol=1e-6)
+
+
+def test_windows_reject_batched_features() -> None:
+    with pytest.raises(ValueError, match="mask_feats of shape"):
+        DynamicMaskWindows(torch.zeros(1, 8, 4, 4), torch.zeros(2, 153))

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffusioninst.modeling.dynamic_mask_head import DynamicMaskWindows, dynamic_mask_logits
 from diffusioninst.modeling.mask_branch import aligned_bilinear
 from diffusioninst.modeling.postprocess import masks_to_image, nms_and_cap, select_topk
 
@@ -54,6 +55,20 @@ def test_masks_inside_boxes_equal_the_full_image_computation(low, input_size, ou
     assert ((values[differ] - 0.5).abs() < 1e-5).all()
     assert differ.float().mean() < 1e-4
     assert expected.any() and not ours[1].any()
+
+
+def test_mask_head_on_box_cells_only_equals_the_head_on_the_whole_map():
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(1, 8, 100, 152, generator=g)
+    params = torch.randn(16, 153, generator=g) * 0.4
+    input_size, output_size = (397, 605), (480, 731)
+    boxes = _boxes(16, *output_size, g)
+    probs = dynamic_mask_logits(feats, params, torch.zeros(16, dtype=torch.long)).sigmoid()
+    expected, values = full_image_masks(probs, input_size, output_size, boxes)
+    ours = masks_to_image(DynamicMaskWindows(feats[0], params), input_size, output_size, boxes)
+    differ = ours != expected
+    assert ((values[differ] - 0.5).abs() < 1e-5).all() and differ.float().mean() < 1e-4
+    assert expected[2:].any() and not ours[1].any()
 
 
 def test_no_masks():

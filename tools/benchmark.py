@@ -357,8 +357,8 @@ def instrument_ours(model: nn.Module, timer: PartTimer) -> Iterator[None]:
     timer.wrap(model, "extract_features", "_features")  # backbone + FPN (with layout conversions) + mask branch
     timer.wrap(model.head, "mask_features", "mask_branch")
     timer.hook(model.head, "decoder")  # head.forward: every stage, once per DDIM step
-    timer.wrap(meta_arch, "dynamic_mask_logits", "mask_head")
-    timer.wrap(meta_arch, "masks_to_image", "paste_masks")
+    timer.wrap(meta_arch.DynamicMaskWindows, "window", "mask_head")  # called by masks_to_image, once per box
+    timer.wrap(meta_arch, "masks_to_image", "_masks")  # paste = this - mask head
     with timer:
         yield
 
@@ -388,6 +388,8 @@ def instrumented_call(fn: Callable[[], Any], instrument: Callable[[PartTimer], A
         parts["mask_branch"] = max(parts.pop("_head") - parts.get("decoder", 0.0), 0.0)
     if "_features" in parts:  # ours: feature extraction holds the backbone and the mask branch
         parts["backbone_fpn"] = max(parts.pop("_features") - parts.get("mask_branch", 0.0), 0.0)
+    if "_masks" in parts:  # ours: the mask head runs inside the paste, on the cells of each box
+        parts["paste_masks"] = max(parts.pop("_masks") - parts.get("mask_head", 0.0), 0.0)
     parts["after_decoder"] = max(total - sum(parts.get(p, 0.0) for p in TOP_PARTS[:-1]), 0.0)
     parts["total"] = total
     return parts

@@ -5,7 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["mask_head_param_layout", "num_mask_head_params", "parse_dynamic_params", "dynamic_mask_logits"]
+__all__ = [
+    "mask_head_param_layout", "num_mask_head_params", "parse_dynamic_params", "dynamic_mask_logits",
+    "DynamicMaskWindows",
+]
 
 _CHUNK_ELEMENTS = 1 << 26
 _CPU_CHUNK_ELEMENTS = 1 << 21
@@ -94,3 +97,35 @@ def dynamic_mask_logits(
         outputs.append(x)
     logits = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
     return logits.reshape(num_instances, height, width)
+
+
+class DynamicMaskWindows:
+    """The dynamic head's mask probabilities of one image, computed on demand on windows of its mask features.
+
+    ``window(m, y0, y1, x0, x1)`` equals ``dynamic_mask_logits(...).sigmoid()[m, y0:y1, x0:x1]``; post-processing
+    asks only for the cells inside each kept box, so the head does not run on the whole map for every instance.
+    mask_feats (C, h, w), params (M, P); ``shape`` is (M, h, w).
+    """
+
+    def __init__(
+        self, mask_feats: Tensor, params: Tensor, in_channels: int = 8, channels: int = 8, num_layers: int = 3
+    ):
+        if mask_feats.dim() != 3 or mask_feats.shape[0] != in_channels:
+            raise ValueError(f"expected mask_feats of shape ({in_channels}, h, w), got {tuple(mask_feats.shape)}")
+        self.mask_feats = mask_feats
+        self.weights, self.biases = parse_dynamic_params(params, in_channels, channels, num_layers)
+        self.shape = (params.shape[0], *mask_feats.shape[1:])
+        self.dtype, self.device = mask_feats.dtype, mask_feats.device
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def window(self, m: int, y0: int, y1: int, x0: int, x1: int) -> Tensor:
+        """Probabilities (y1 - y0, x1 - x0) of instance m on cells [y0, y1) x [x0, x1)."""
+        x = self.mask_feats[:, y0:y1, x0:x1].reshape(self.mask_feats.shape[0], -1)
+        last = len(self.weights) - 1
+        for layer, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.addmm(b[m, :, None], w[m], x)
+            if layer < last:
+                x = x.relu_()
+        return x.view(y1 - y0, x1 - x0).sigmoid_()

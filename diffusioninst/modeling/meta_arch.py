@@ -15,7 +15,7 @@ from ..data.datasets import class_image_count
 from .box_ops import box_xyxy_to_cxcywh
 from .criterion import SetCriterion
 from .diffusion import corrupt_boxes, diffusion_buffers, pad_boxes, q_sample, signal_from_filters
-from .dynamic_mask_head import dynamic_mask_logits, num_mask_head_params
+from .dynamic_mask_head import DynamicMaskWindows, num_mask_head_params
 from .head import DecoderStage, DiffusionInstHead
 from .linear import set_onednn_linear
 from .losses import fed_loss_class_weights
@@ -371,12 +371,13 @@ class DiffusionInst(nn.Module):
             inst.pred_classes = labels[keep]
             inst.pred_filters = filters[keep]
             out_size = (x.get("height", image_size[0]), x.get("width", image_size[1])) if do_postprocess else image_size
-            processed.append({"instances": self._paste_masks(inst, mask_feats[b : b + 1], image_size, out_size)})
+            processed.append({"instances": self._paste_masks(inst, mask_feats[b], image_size, out_size)})
         return processed
 
     def _paste_masks(self, inst: Instances, mask_feats: torch.Tensor, input_size, output_size) -> Instances:
         """Rescale score-sorted boxes to output_size, keep the first ``max_detections`` (<= 0: all) non-empty ones
-        and compute only their binary masks with phi."""
+        and compute only their binary masks, running the dynamic head only inside their boxes.
+        mask_feats (C, h, w) of this image."""
         out = Instances(output_size)
         boxes = inst.pred_boxes.clone()
         boxes.scale(output_size[1] / input_size[1], output_size[0] / input_size[0])
@@ -385,12 +386,9 @@ class DiffusionInst(nn.Module):
         if self.max_detections > 0:
             keep = keep[: self.max_detections]
         inst, boxes = inst[keep], boxes[keep]
-        filters = inst.pred_filters
-        logits = dynamic_mask_logits(
-            mask_feats, filters, torch.zeros(len(filters), dtype=torch.long, device=filters.device), *self.mask_head_layout
-        )
+        mask_probs = DynamicMaskWindows(mask_feats, inst.pred_filters, *self.mask_head_layout)
         out.pred_boxes = boxes
         out.scores = inst.scores
         out.pred_classes = inst.pred_classes
-        out.pred_masks = masks_to_image(logits.sigmoid(), input_size, output_size, boxes.tensor, self.mask_threshold)
+        out.pred_masks = masks_to_image(mask_probs, input_size, output_size, boxes.tensor, self.mask_threshold)
         return out
