@@ -57,6 +57,40 @@ def test_masks_inside_boxes_equal_the_full_image_computation(low, input_size, ou
     assert expected.any() and not ours[1].any()
 
 
+@pytest.mark.parametrize("low,input_size,output_size", [
+    ((100, 152), (397, 605), (480, 731)),
+    ((100, 152), (400, 608), (90, 137)),  # strong downscale: pixels skip cells
+])
+def test_sparse_masks_equal_the_full_image_computation(low, input_size, output_size):
+    """Masks with few or no cells above the threshold: only pixels near those cells are computed."""
+    g = torch.Generator().manual_seed(2)
+    probs = torch.rand(10, *low, generator=g) * 0.5  # all at or below the threshold
+    for m, (y, x, r) in enumerate([(5, 7, 1), (50, 80, 3), (99, 151, 1), (0, 0, 2), (30, 140, 6), (70, 10, 1)]):
+        probs[m + 2, max(y - r, 0) : y + r, max(x - r, 0) : x + r] = 0.5 + 0.5 * torch.rand(1, generator=g)
+    probs[9, 20, 20] = 0.5  # equal to the threshold: not above it
+    boxes = _boxes(10, *output_size, g)
+    boxes[2:] = torch.tensor([0.0, 0.0, output_size[1], output_size[0]])
+    expected, values = full_image_masks(probs, input_size, output_size, boxes)
+    ours = masks_to_image(probs, input_size, output_size, boxes)
+    differ = ours != expected
+    assert ((values[differ] - 0.5).abs() < 1e-5).all() and differ.float().mean() < 1e-4
+    assert expected[2:8].any((1, 2)).sum() >= 5 and not ours[[0, 1, 9]].any()
+
+
+@pytest.mark.parametrize("low_len,in_len,out_len", [(100, 397, 480), (100, 400, 90), (8, 29, 640), (25, 99, 61)])
+def test_pixels_touching_cells_are_contiguous_and_found(low_len, in_len, out_len):
+    from diffusioninst.modeling import postprocess
+
+    band = postprocess._ResizeBand(postprocess._resize_weights(low_len, in_len, out_len, 4, torch.device("cpu")),
+                                   torch.float32)
+    touching = band.weights != 0  # (out_len, low_len)
+    for a, b, c0, c1 in [(0, out_len, 0, 1), (0, out_len, low_len - 1, low_len), (3, out_len - 2, 10, 13),
+                         (out_len // 2, out_len, 0, 5), (0, out_len // 3, low_len // 2, low_len)]:
+        hit = touching[a:b, c0:c1].any(1).nonzero().flatten() + a
+        p0, p1 = band.pixels(a, b, c0, c1)
+        assert list(range(p0, p1)) == hit.tolist()
+
+
 def test_mask_head_on_box_cells_only_equals_the_head_on_the_whole_map():
     g = torch.Generator().manual_seed(1)
     feats = torch.randn(1, 8, 100, 152, generator=g)

@@ -1,6 +1,7 @@
 """From decoder outputs to detectron2 ``Instances``: top-k over (proposal, class), NMS, masks at full size."""
 from __future__ import annotations
 
+import bisect
 from typing import Optional, Tuple, Union
 
 import numpy as np
@@ -94,8 +95,9 @@ def masks_to_image(
 
     Equals: aligned x4 upsampling, crop to the unpadded input (h_in, w_in), bilinear resize to the output size,
     threshold, zero outside each box (``boxes`` (M, 4) in output coordinates, clipped; pixels [x1, x2) x [y1, y2)
-    of the integer-truncated box). Computed inside each box only, as (rows x cells) @ probs @ (cells x cols) with
-    banded products, instead of resizing every mask to the full image.
+    of the integer-truncated box). Computed inside each box only, and there only for the pixels that touch a cell
+    above the threshold, as (rows x cells) @ probs @ (cells x cols) with banded products, instead of resizing every
+    mask to the full image.
     """
     out_h, out_w = output_size
     result = _zeros_bool((len(mask_probs), out_h, out_w), mask_probs.device)
@@ -112,9 +114,21 @@ def masks_to_image(
             window = mask_probs.window(m, cy0, cy1, cx0, cx1)
         else:
             window = mask_probs[m, cy0:cy1, cx0:cx1]
+        # Every output pixel is a convex mix of cells: only pixels touching a cell above the threshold can pass it.
+        above = window > threshold
+        rows, cols = _true_span(above.any(1)), _true_span(above.any(0))
+        r0, r1, k0, k1 = (int(v) for v in (*rows, *cols))
+        if r1 <= r0:
+            continue
+        ya, yb = band_y.pixels(y1, y2, cy0 + r0, cy0 + r1)
+        xa, xb = band_x.pixels(x1, x2, cx0 + k0, cx0 + k1)
+        if yb <= ya or xb <= xa:  # a strong downscale skips cells: no pixel touches those above the threshold
+            continue
+        (sy0, sy1), (sx0, sx1) = band_y.cells(ya, yb), band_x.cells(xa, xb)
+        sub = window[sy0 - cy0 : sy1 - cy0, sx0 - cx0 : sx1 - cx0]
         # rows @ window @ cols^T: first along x (box columns x cells), then along y.
-        values = band_y.apply(y1, y2, band_x.apply(x1, x2, window.t()).t())
-        torch.gt(values, threshold, out=result[m, y1:y2, x1:x2])
+        values = band_y.apply(ya, yb, band_x.apply(xa, xb, sub.t()).t())
+        torch.gt(values, threshold, out=result[m, ya:yb, xa:xb])
     return result
 
 
@@ -135,6 +149,12 @@ class _ResizeBand:
     def cells(self, a: int, b: int) -> Tuple[int, int]:
         """The run of cells [c0, c1) that output pixels [a, b) touch."""
         return self.first_list[a], self.last_list[b - 1]
+
+    def pixels(self, a: int, b: int, c0: int, c1: int) -> Tuple[int, int]:
+        """The output pixels [p0, p1) within [a, b) that touch some cell in [c0, c1) (p1 <= p0 if none); the runs
+        start and end at nondecreasing cells, so these pixels are contiguous."""
+        p0 = bisect.bisect_right(self.last_list, c0, a, b)
+        return p0, bisect.bisect_left(self.first_list, c1, p0, b)
 
     def apply(self, a: int, b: int, x: torch.Tensor) -> torch.Tensor:
         """weights[a:b, c0:c1] @ x for x (c1 - c0, m) -> (b - a, m), with (c0, c1) = ``cells(a, b)``."""
