@@ -89,6 +89,9 @@ def add_diffusioninst_config(cfg: CN) -> None:
 
     add_swin_config(cfg)
 
+    # CPU runs: glibc keeps freed memory mapped (diffusioninst/allocator.py), so large tensors reuse pages.
+    cfg.CPU_KEEP_FREED_MEMORY = True  # with MODEL.DEVICE cpu: no page faults re-mapping activations each call
+
     # Model EMA (original key names): an average of the weights, used for evaluation and saved in checkpoints.
     cfg.MODEL_EMA = CN()
     cfg.MODEL_EMA.ENABLED = False  # keep an EMA of the weights and evaluate with it

@@ -5,14 +5,18 @@
                      [--image-size 800x1216 | --shapes] [--impl ours|original|both] [--json out.json] [KEY VALUE ...]
 
 Inference: images/s and ms/image at batch 1 and at --batch-size (``model.inference`` in eval mode under no_grad),
-after warm-up calls, over N timed calls (median, min/max, IQR), with peak memory, and a breakdown of one call
-(preprocess, backbone+FPN, mask branch, decoder over all DDIM steps, everything after the decoder) measured by
-wrapping the model's own calls with timers in separate, instrumented calls. ``--impl original`` runs the original
+after warm-up calls, over N timed calls (median, min/max, IQR), a breakdown of one call (preprocess,
+backbone+FPN, mask branch, decoder over all DDIM steps, everything after the decoder) measured by wrapping the model's
+own calls with timers in separate, instrumented calls, and peak memory from one more call per case. ``--impl original`` runs the original
 release's inference as re-stated in ``tests/reference_original.py`` (batch 1 only) on the same weights and initial
-boxes. Training: s/iteration (forward, backward, optimizer step from ``diffusioninst.build_optimizer``) and peak memory;
+boxes. Training: s/iteration (forward, backward, optimizer step from ``diffusioninst.build_optimizer``) and peak memory
+(one more iteration);
 ``--impl original`` trains with the original release's loss computation and optimizer as re-stated in the same file
 (``original_training_forward``: per-image noising, matcher loops, losses, stock RoIAlign; ``original_optimizer``) on
 the same model and batch.
+Timed calls run as in a long evaluation or training loop: the C allocator keeps what earlier calls freed (with
+MODEL.DEVICE cpu and CPU_KEEP_FREED_MEMORY, as tools/train_net.py and tools/demo.py set it up, for both code paths);
+each memory call starts from a trimmed heap, so that its peak is its own.
 Weights come from MODEL.WEIGHTS; with MODEL.WEIGHTS "" they are a random init, and the detection counts (hence the
 post-processing time) are not those of a trained model.
 """
@@ -47,7 +51,9 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 from torch import nn  # noqa: E402
 
-from diffusioninst import DiffusionInstDatasetMapper, add_diffusioninst_config, build_optimizer  # noqa: E402
+from diffusioninst import (  # noqa: E402
+    DiffusionInstDatasetMapper, add_diffusioninst_config, build_optimizer, configure_allocator,
+)
 from diffusioninst.data import register_datasets_from_cfg  # noqa: E402
 
 RANDOM_INSTANCES_PER_IMAGE = 5  # ground-truth instances of each random training image
@@ -280,21 +286,20 @@ def summarize(times: Sequence[float], images_per_call: int) -> Dict[str, Any]:
     }
 
 
-def timed_call(fn: Callable[[], Any], device: torch.device) -> Tuple[float, Any, Dict[str, Any]]:
-    """One synchronised, timed call of fn: seconds, its output, its peak memory."""
+def timed_call(fn: Callable[[], Any], device: torch.device) -> Tuple[float, Any]:
+    """One synchronised, timed call of fn: seconds and its output."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return time.perf_counter() - t0, out
+
+
+def memory_call(fn: Callable[[], Any], device: torch.device) -> Dict[str, Any]:
+    """The PeakMemory result of one call of fn (not timed: on CPU it starts from a trimmed heap)."""
     with PeakMemory(device) as mem:
-        synchronize(device)
-        t0 = time.perf_counter()
-        out = fn()
-        synchronize(device)
-        seconds = time.perf_counter() - t0
-    return seconds, out, mem.result
-
-
-def merge_memory(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """The largest peak and increase over several calls' PeakMemory results."""
-    return {"peak_mb": max(r["peak_mb"] for r in results), "increase_mb": max(r["increase_mb"] for r in results),
-            "baseline_mb": min(r["baseline_mb"] for r in results), "method": results[0]["method"]}
+        fn()
+    return mem.result
 
 
 class PartTimer:
@@ -473,20 +478,19 @@ def bench_inference(
         for case in cases:
             case["fn"]()
     times: Dict[int, List[float]] = defaultdict(list)
-    memory: Dict[int, List[Dict[str, Any]]] = defaultdict(list)
     outputs: Dict[int, Any] = {}
     for _ in range(repeats):
         for i, case in enumerate(cases):
-            seconds, outputs[i], mem = timed_call(case["fn"], device)
+            seconds, outputs[i] = timed_call(case["fn"], device)
             times[i].append(seconds)
-            memory[i].append(mem)
     parts: Dict[int, List[Dict[str, float]]] = defaultdict(list)
     for _ in range(repeats):
         for i, case in enumerate(cases):
             parts[i].append(instrumented_call(case["fn"], case["instrument"], device))
+    memory = [memory_call(case["fn"], device) for case in cases]
     return [
         {"impl": case["impl"], "batch_size": case["batch_size"], **summarize(times[i], case["batch_size"]),
-         "memory": merge_memory(memory[i]), "detections_per_image": _num_detections(outputs[i]),
+         "memory": memory[i], "detections_per_image": _num_detections(outputs[i]),
          "breakdown_ms": median_parts(parts[i]),
          "breakdown_runs_ms": [{k: 1000.0 * v for k, v in run.items()} for run in parts[i]]}
         for i, case in enumerate(cases)
@@ -524,7 +528,7 @@ def bench_train(
     forwards = train_forwards(model, inputs, impls)
     split: Dict[str, Dict[str, List[float]]] = {impl: defaultdict(list) for impl in impls}
 
-    def step(impl: str) -> float:
+    def step(impl: str, record: bool = True) -> float:
         t0 = time.perf_counter()
         losses = forwards[impl]()
         total = sum(losses.values())
@@ -537,28 +541,28 @@ def bench_train(
         optimizers[impl].step()
         synchronize(device)
         t3 = time.perf_counter()
-        split[impl]["forward"].append(t1 - t0)
-        split[impl]["backward"].append(t2 - t1)
-        split[impl]["optimizer_step"].append(t3 - t2)
+        if record:
+            split[impl]["forward"].append(t1 - t0)
+            split[impl]["backward"].append(t2 - t1)
+            split[impl]["optimizer_step"].append(t3 - t2)
         return float(total.detach())
 
-    runs: Dict[str, List[Tuple[float, Any, Dict[str, Any]]]] = defaultdict(list)
+    runs: Dict[str, List[Tuple[float, Any]]] = defaultdict(list)
     model.train()
     try:
         for _ in range(warmup):
             for impl in impls:
-                step(impl)
-        for times in split.values():
-            times.clear()
+                step(impl, record=False)
         for _ in range(repeats):
             for impl in impls:
                 runs[impl].append(timed_call(lambda impl=impl: step(impl), device))
+        memory = {impl: memory_call(lambda impl=impl: step(impl, record=False), device) for impl in impls}
     finally:
         model.eval()
     entries = {}
     for impl in impls:
         entry = {"impl": impl, "batch_size": len(inputs), **summarize([r[0] for r in runs[impl]], len(inputs)),
-                 "memory": merge_memory([r[2] for r in runs[impl]]), "last_loss": runs[impl][-1][1]}
+                 "memory": memory[impl], "last_loss": runs[impl][-1][1]}
         entry["s_per_iter"] = entry["median_s"]
         entry["split_ms"] = {k: 1000.0 * statistics.median(v) for k, v in split[impl].items()}
         entries[impl] = entry
@@ -584,13 +588,15 @@ def run_benchmark(
     if threads:
         torch.set_num_threads(threads)
     cfg = setup_cfg(config_file, opts)
+    keeps_freed = configure_allocator(cfg)
     model = build_benchmark_model(cfg, seed)
     d = cfg.MODEL.DiffusionInst
     results: Dict[str, Any] = {
         "config_file": config_file,
         "overrides": [str(o) for o in opts],
         "weights": cfg.MODEL.WEIGHTS or "random init (MODEL.WEIGHTS empty)",
-        "environment": environment(cfg),
+        "environment": {**environment(cfg), "cpu_allocator": "freed memory kept (CPU_KEEP_FREED_MEMORY)"
+                        if keeps_freed else "C library default"},
         "settings": {
             "mode": mode, "impl": impl, "batch_size": batch_size, "warmup": warmup, "repeats": repeats,
             "inputs": "shapes" if shapes else f"random uint8 {image_size[0]}x{image_size[1]}",
@@ -640,13 +646,13 @@ def format_report(results: Dict[str, Any]) -> str:
         f"DiffusionInst benchmark: {results['config_file']} {' '.join(results['overrides'])}".rstrip(),
         f"device {env['device']}{' (' + env['cuda_device'] + ')' if 'cuda_device' in env else ''}, "
         f"torch {env['torch']}, torch threads {env['torch_threads']}, {env['cpu_count']} CPUs ({env['cpu_model']}), "
-        f"commit {env['git_commit']}",
+        f"commit {env['git_commit']}, allocator: {env['cpu_allocator']}",
         f"weights: {results['weights']}; {s['backbone']}, {s['parameters'] / 1e6:.1f}M parameters, "
         f"{s['num_proposals']} proposals, {s['num_stages']} stages, {s['sample_steps']} DDIM step(s), "
         f"{s['num_classes']} classes, "
         + (f"cap {s['detections_per_image_cap']} detections" if s["detections_per_image_cap"] > 0 else "no detection cap"),
         f"warm-up {s['warmup']}, timed calls {s['repeats']} per case, the cases' calls interleaved; "
-        "times: median [min..max]",
+        "times: median [min..max]; memory from one more call each",
     ]
     if results["weights"].startswith("random"):
         lines.append("random weights: the detection counts, hence the post-processing time, are not a trained model's")

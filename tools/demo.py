@@ -29,7 +29,9 @@ from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 
-from diffusioninst import add_diffusioninst_config, check_config, load_weights, merge_config  # noqa: E402
+from diffusioninst import (  # noqa: E402
+    add_diffusioninst_config, check_config, configure_allocator, load_weights, merge_config,
+)
 from diffusioninst.data import register_datasets_from_cfg  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -130,6 +132,7 @@ def build_predictor(args: argparse.Namespace) -> tuple[DefaultPredictor, Metadat
     weights = cfg.MODEL.WEIGHTS
     cfg.MODEL.WEIGHTS = ""  # DefaultPredictor builds the model; the weights are loaded below with clear errors
     cfg.freeze()
+    configure_allocator(cfg)
     predictor = DefaultPredictor(cfg)
     if not weights:
         report("MODEL.WEIGHTS is empty: the model is randomly initialised")

@@ -24,7 +24,9 @@ from detectron2.evaluation import COCOEvaluator, LVISEvaluator, verify_results  
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
-from diffusioninst import DiffusionInstDatasetMapper, add_diffusioninst_config, build_optimizer  # noqa: E402
+from diffusioninst import (  # noqa: E402
+    DiffusionInstDatasetMapper, add_diffusioninst_config, build_optimizer, configure_allocator,
+)
 from diffusioninst.checkpoint import (  # noqa: E402
     CheckpointNotFoundError, CorruptCheckpointError, DiffusionInstCheckpointer, load_weights,
 )
@@ -154,6 +156,7 @@ def setup(args):
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="diffusioninst")
+    configure_allocator(cfg)
     return cfg
 
 

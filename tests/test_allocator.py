@@ -1,0 +1,52 @@
+"""CPU_KEEP_FREED_MEMORY: glibc keeps freed memory, so a large tensor allocated again reuses mapped pages."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from detectron2.config import get_cfg
+
+from diffusioninst import add_diffusioninst_config, allocator
+
+FAULTS_SCRIPT = textwrap.dedent("""
+    import resource, sys, torch
+    from diffusioninst.allocator import keep_freed_memory
+    kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+    def faults_of_64mb_tensors(n):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(n):
+            torch.ones(16 << 20)  # 64 MiB: above glibc's largest dynamic mmap threshold (32 MiB)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    faults_of_64mb_tensors(15)  # kept: the heap settles after a few (aligned blocks do not fit the first holes)
+    print(kept, faults_of_64mb_tensors(10))
+""")
+
+
+def _steady_allocation_faults(mode: str):
+    out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    kept, faults = out.stdout.split()
+    return kept, int(faults)
+
+
+def test_freed_memory_is_reused_without_page_faults():
+    kept, faults = _steady_allocation_faults("keep")
+    if kept != "True":
+        pytest.skip("not glibc: the allocator setting does not apply")
+    _, default_faults = _steady_allocation_faults("default")
+    assert default_faults > 100_000  # 16384 pages of 4 KiB mapped afresh for each tensor by default
+    assert faults < 1_000
+
+
+@pytest.mark.parametrize("device,enabled,applies", [("cpu", True, True), ("cpu", False, False),
+                                                    ("cuda", True, False), ("cuda:1", True, False)])
+def test_configure_allocator_follows_the_key_and_device(monkeypatch, device, enabled, applies):
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
+    cfg = get_cfg()
+    add_diffusioninst_config(cfg)
+    cfg.MODEL.DEVICE, cfg.CPU_KEEP_FREED_MEMORY = device, enabled
+    assert allocator.configure_allocator(cfg) is applies
+    assert len(calls) == int(applies)
