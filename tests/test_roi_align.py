@@ -121,6 +121,34 @@ def test_parallel_forward_works_in_a_forked_child():
     assert done.returncode == 0, done.stderr
 
 
+THREADS_SCRIPT = """
+import os, sys, torch
+from diffusioninst.modeling import roi_align as module
+if module._openmp_set_num_threads() is None:
+    print("no OpenMP runtime found"); sys.exit(0)
+torch.set_num_threads(2)
+features = torch.randn(1, 256, 64, 64)
+(features * 2).sum()  # the main thread's OpenMP team exists now
+before = len(os.listdir("/proc/self/task"))
+rois = torch.cat([torch.zeros(200, 1), torch.rand(200, 2) * 100, 100 + torch.rand(200, 2) * 100], 1)
+module.parallel_roi_align(features, rois, (7, 7), 0.25, 2, True)  # each chunk's output (>32768 values) is zero-filled
+added = len(os.listdir("/proc/self/task")) - before
+in_worker = module._thread_pool(2).submit(torch.get_num_threads).result()
+print(added, in_worker, torch.get_num_threads())
+"""
+
+
+def test_workers_start_no_openmp_teams_of_their_own():
+    """More OpenMP threads than CPUs make libgomp stop spinning between parallel regions (slow small ops)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", THREADS_SCRIPT], cwd=root, timeout=60, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    if done.stdout.startswith("no OpenMP"):
+        pytest.skip(done.stdout.strip())
+    added, in_worker, in_main = (int(v) for v in done.stdout.split())
+    assert (added, in_worker, in_main) == (2, 1, 2)  # the two workers only; they run ops on one thread
+
+
 def test_one_pool_serves_calls_with_few_and_many_rois(three_threads):
     from diffusioninst.modeling import roi_align as module
 

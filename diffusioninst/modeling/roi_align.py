@@ -9,11 +9,14 @@ boundary rules) and is several times faster on CPU during training.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
+import re
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +34,35 @@ _pool_workers = 0
 _pool_lock = threading.Lock()
 
 
+@functools.lru_cache(maxsize=None)
+def _openmp_set_num_threads() -> Optional[Callable[[int], None]]:
+    """``omp_set_num_threads`` of the OpenMP runtime torch loaded (found in /proc/self/maps); None if not found."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if re.search(r"/lib(gomp|iomp5|omp)[^/]*\.so", line)}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            return ctypes.CDLL(path).omp_set_num_threads
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def _single_threaded_worker() -> None:
+    """Pool-thread initializer: torch ops in this thread run on it alone (OpenMP's per-thread thread count).
+
+    Otherwise each worker's first parallel op (the zero-fill of its output) starts an OpenMP team of its own, and
+    with more OpenMP threads than CPUs libgomp stops spinning between parallel regions, so that every later small
+    op of the process waits for its threads to wake up (3x slower mask head, measured).
+    """
+    torch.get_num_threads()  # torch's once-per-thread OpenMP setup; run later, it would undo the next line
+    set_num_threads = _openmp_set_num_threads()
+    if set_num_threads is not None:
+        set_num_threads(1)
+
+
 def _thread_pool(workers: int) -> ThreadPoolExecutor:
     """A process-wide pool of ``workers`` threads (torch's intra-op thread count; rebuilt when that changes)."""
     global _pool, _pool_workers
@@ -38,7 +70,9 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
         if _pool is None or _pool_workers != workers:
             if _pool is not None:
                 _pool.shutdown(wait=False)
-            _pool, _pool_workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="roi_align"), workers
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="roi_align",
+                                       initializer=_single_threaded_worker)
+            _pool_workers = workers
         return _pool
 
 
