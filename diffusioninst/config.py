@@ -113,6 +113,7 @@ def add_diffusioninst_config(cfg: CN) -> None:
     cfg.TEST.AMP.ENABLED = False  # run backbone and decoder under torch.autocast at inference; boxes stay float32
     cfg.TEST.AMP.DTYPE = "float16"  # autocast dtype: float16 or bfloat16 (bfloat16 also works on CPU)
     cfg.TEST.CHANNELS_LAST = True  # at inference, backbone and mask branch convolve channels-last (faster on CPU)
+    cfg.TEST.COMPILE = False  # torch.compile the backbone for inference; each new input shape compiles first
 
     # Test-time augmentation (original keys).
     cfg.TEST.AUG.MIN_SIZES = (400, 500, 600, 640, 700, 900, 1000, 1100, 1200, 1300, 1400, 1800, 800)

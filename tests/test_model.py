@@ -234,3 +234,35 @@ def test_channels_last_matches_contiguous():
     got = ours.inference([x], init_boxes=init, generators=[torch.Generator().manual_seed(1)])[0]["instances"]
     expected = plain.inference([x], init_boxes=init, generators=[torch.Generator().manual_seed(1)])[0]["instances"]
     _assert_same_instances(got, expected)
+
+
+def test_compiled_backbone_at_inference_only(monkeypatch):
+    """TEST.COMPILE: inference runs torch.compile's backbone (here its eager backend: the wiring, not inductor's
+    code generation); training and state_dict use the module itself; copies drop the compiled wrapper."""
+    import copy
+
+    compiled_calls = []
+    real_compile = torch.compile
+
+    def compile_eagerly(module, **kwargs):
+        compiled_calls.append(module)
+        return real_compile(module, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    ours, plain = _eval_model("TEST.COMPILE", True), _eval_model()
+    keys = list(ours.state_dict())
+    x = _inputs()[0]
+    init = torch.randn(1, ours.num_proposals, 4, generator=torch.Generator().manual_seed(5))
+    got = ours.inference([x], init_boxes=init, generators=[torch.Generator().manual_seed(1)])[0]["instances"]
+    expected = plain.inference([x], init_boxes=init, generators=[torch.Generator().manual_seed(1)])[0]["instances"]
+    assert compiled_calls == [ours.backbone]
+    _assert_same_instances(got, expected)
+    ours.inference([x], init_boxes=init, generators=[torch.Generator().manual_seed(1)])
+    assert len(compiled_calls) == 1, "compiled once"
+    assert list(ours.state_dict()) == keys and "_compiled_backbone_module" not in dict(ours.named_modules())
+    clone = copy.deepcopy(ours)
+    assert "_compiled_backbone_module" not in clone.__dict__ and "_compiled_backbone_module" in ours.__dict__
+    ours.train()
+    images, _ = ours.preprocess_image(_inputs()[:1])
+    ours.extract_features(images)
+    assert len(compiled_calls) == 1, "training does not use the compiled backbone"

@@ -253,10 +253,10 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
-            self._method = "torch.cuda.max_memory_allocated (reset before each timed call)"
+            self._method = "torch.cuda.max_memory_allocated (reset before the call)"
         elif _reset_peak_rss():
             self._base = _proc_status_kb("VmRSS") * 1024
-            self._method = "peak RSS (VmHWM, reset via /proc/self/clear_refs before each timed call)"
+            self._method = "peak RSS (VmHWM, reset via /proc/self/clear_refs before the call)"
         else:
             self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             self._method = "ru_maxrss (process high-water mark since start; not resettable here)"

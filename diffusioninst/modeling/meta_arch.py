@@ -67,6 +67,7 @@ class DiffusionInst(nn.Module):
         inference_seed: int = -1,
         inference_dtype: Optional[str] = None,
         channels_last: bool = False,
+        compile_backbone: bool = False,
     ):
         super().__init__()
         if num_proposals < 1:
@@ -100,6 +101,7 @@ class DiffusionInst(nn.Module):
         self.filter_denoising = head.filter_embed is not None
         self.inference_dtype = getattr(torch, inference_dtype) if inference_dtype else None
         self.channels_last = channels_last
+        self.compile_backbone = compile_backbone
         self.num_mask_params = num_mask_head_params(*mask_head_layout)
 
     @classmethod
@@ -203,6 +205,7 @@ class DiffusionInst(nn.Module):
             "inference_seed": d.INFERENCE_SEED,
             "inference_dtype": cfg.TEST.AMP.DTYPE if cfg.TEST.AMP.ENABLED else None,
             "channels_last": cfg.TEST.CHANNELS_LAST,
+            "compile_backbone": cfg.TEST.COMPILE,
         }
 
     @property
@@ -223,11 +226,29 @@ class DiffusionInst(nn.Module):
         (faster CPU kernels); their outputs are made contiguous once here, as RoIAlign would copy them per call.
         """
         x = images.tensor
-        if self.channels_last and not self.training:
-            x = x.contiguous(memory_format=torch.channels_last)
-        features = self.backbone(x)
+        backbone = self.backbone
+        if not self.training:
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if self.compile_backbone:
+                backbone = self._compiled_backbone()
+        features = backbone(x)
         mask_feats = self.head.mask_features([features[f] for f in self.mask_in_features])
         return [features[f].contiguous() for f in self.in_features], mask_feats.contiguous()
+
+    def _compiled_backbone(self) -> nn.Module:
+        """``torch.compile`` of the backbone for inference (TEST.COMPILE), built on first use. Kept out of the
+        registered submodules, so state_dict and checkpoints are unchanged; it runs the backbone's own parameters."""
+        compiled = self.__dict__.get("_compiled_backbone_module")
+        if compiled is None or compiled._orig_mod is not self.backbone:
+            compiled = torch.compile(self.backbone)
+            self.__dict__["_compiled_backbone_module"] = compiled
+        return compiled
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_compiled_backbone_module", None)  # copies (EMA, pickling) compile their own
+        return state
 
     def forward(self, batched_inputs: List[Dict]):
         """Training: dict of losses. Inference: list of {"instances": Instances} at each input's height/width."""
