@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import bisect
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from detectron2.layers import batched_nms
@@ -73,6 +73,11 @@ def _true_span(flags: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.where(flags, idx, length).amin(-1), torch.where(flags, idx, -1).amax(-1) + 1
 
 
+def _span(flags: List[bool]) -> Tuple[int, int]:
+    """First and one-past-last index of True in a list that has one."""
+    return flags.index(True), len(flags) - flags[::-1].index(True)
+
+
 def masks_to_image(
     mask_probs: Union[torch.Tensor, DynamicMaskWindows],
     input_size: Tuple[int, int],
@@ -107,10 +112,10 @@ def masks_to_image(
             window = mask_probs[m, cy0:cy1, cx0:cx1]
         # Every output pixel is a convex mix of cells: only pixels touching a cell above the threshold can pass it.
         above = window > threshold
-        rows, cols = _true_span(above.any(1)), _true_span(above.any(0))
-        r0, r1, k0, k1 = (int(v) for v in (*rows, *cols))
-        if r1 <= r0:
+        rows = above.any(1).tolist()
+        if True not in rows:
             continue
+        (r0, r1), (k0, k1) = _span(rows), _span(above.any(0).tolist())
         ya, yb = band_y.pixels(y1, y2, cy0 + r0, cy0 + r1)
         xa, xb = band_x.pixels(x1, x2, cx0 + k0, cx0 + k1)
         if yb <= ya or xb <= xa:  # a strong downscale skips cells: no pixel touches those above the threshold
