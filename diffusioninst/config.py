@@ -108,7 +108,10 @@ def add_diffusioninst_config(cfg: CN) -> None:
     cfg.DATASETS.CHECK_IMAGE_FILES = True  # at dataset load, check each listed image file exists (a stat per image)
     cfg.INPUT.CROP_RESIZE_SIZES = (400, 500, 600)  # shortest-edge sizes of the crop path before RandomCrop
 
-    # Inference speed: mixed precision (training uses detectron2's SOLVER.AMP.ENABLED) and memory layout.
+    # Mixed-precision training: SOLVER.AMP.ENABLED (detectron2's key) with a choice of dtype.
+    cfg.SOLVER.AMP.DTYPE = "float16"  # float16 (CUDA, with loss scaling) or bfloat16 (no scaling; CPU too)
+
+    # Inference speed: mixed precision and memory layout.
     cfg.TEST.AMP = CN()
     cfg.TEST.AMP.ENABLED = False  # run backbone and decoder under torch.autocast at inference; boxes stay float32
     cfg.TEST.AMP.DTYPE = "float16"  # autocast dtype: float16 or bfloat16 (bfloat16 also works on CPU)
@@ -352,8 +355,11 @@ def check_config(cfg: CN) -> None:
             hint = f"; did you mean {near[0]}?" if near else ""
             problems.append(f"{key} {name!r} is not registered (registered: {', '.join(names)}){hint}")
     device = cfg.MODEL.DEVICE
-    if cfg.SOLVER.AMP.ENABLED and not device.startswith("cuda"):
-        problems.append(f"SOLVER.AMP.ENABLED needs a GPU (MODEL.DEVICE is {device!r}); set it to False")
+    if cfg.SOLVER.AMP.ENABLED and cfg.SOLVER.AMP.DTYPE not in ("float16", "bfloat16"):
+        problems.append(f"SOLVER.AMP.DTYPE must be float16 or bfloat16, got {cfg.SOLVER.AMP.DTYPE!r}")
+    elif cfg.SOLVER.AMP.ENABLED and cfg.SOLVER.AMP.DTYPE == "float16" and not device.startswith("cuda"):
+        problems.append(f"SOLVER.AMP.ENABLED with float16 needs a GPU (MODEL.DEVICE is {device!r}); set it to "
+                        "False, or SOLVER.AMP.DTYPE bfloat16")
     if device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"MODEL.DEVICE is {device!r} but PyTorch sees no CUDA GPU; set MODEL.DEVICE cpu")
     for key, value, low in (("SOLVER.IMS_PER_BATCH", cfg.SOLVER.IMS_PER_BATCH, 1),

@@ -1,11 +1,13 @@
-"""Training/evaluation guards used by tools/train_net.py: stop on a non-finite loss with the terms named, explain
-CUDA out-of-memory errors, keep every finished evaluation on disk, and never evaluate a failed run as final."""
+"""Training/evaluation pieces used by tools/train_net.py: stop on a non-finite loss with the terms named, explain
+CUDA out-of-memory errors, keep every finished evaluation on disk, never evaluate a failed run as final, and the
+mixed-precision training step (float16 or bfloat16)."""
 from __future__ import annotations
 
 import datetime
 import json
 import math
 import os
+import time
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
@@ -15,6 +17,8 @@ from torch import nn
 
 __all__ = [
     "EvalHook",
+    "amp_grad_scaler",
+    "mixed_precision_step",
     "LossCheck",
     "NonFiniteLossError",
     "nonfinite_terms",
@@ -158,3 +162,25 @@ class EvalHook(hooks.EvalHook):
         if self.trainer.iter >= self.trainer.max_iter:  # TrainerBase.train leaves iter == max_iter only on success
             self._do_eval()
         del self._func
+
+
+def mixed_precision_step(trainer: Any, dtype: torch.dtype, device_type: str) -> None:
+    """One iteration of detectron2's AMPTrainer (its data iterator, model, optimizer, grad scaler and metrics) under
+    ``torch.autocast(device_type, dtype)``: float16 scales the loss with the trainer's grad scaler, bfloat16 (float32's
+    exponent range) needs no scaling and also runs on CPU, where v0.6's AMPTrainer is CUDA and float16 only."""
+    start = time.perf_counter()
+    data = next(trainer._data_loader_iter)
+    data_time = time.perf_counter() - start
+    with torch.autocast(device_type, dtype=dtype):
+        loss_dict = trainer.model(data)
+        losses = sum(loss_dict.values())
+    trainer.optimizer.zero_grad()
+    trainer.grad_scaler.scale(losses).backward()
+    trainer._write_metrics(loss_dict, data_time)
+    trainer.grad_scaler.step(trainer.optimizer)
+    trainer.grad_scaler.update()
+
+
+def amp_grad_scaler(dtype: torch.dtype, device_type: str) -> torch.amp.GradScaler:
+    """The loss scaler of mixed-precision training: active for float16 on CUDA, a pass-through otherwise."""
+    return torch.amp.GradScaler("cuda", enabled=dtype == torch.float16 and device_type == "cuda")

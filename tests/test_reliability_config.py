@@ -117,7 +117,7 @@ def test_check_config_lists_every_problem_with_its_key():
                      "MODEL.BACKBONE.NAME 'build_resnet_fpn_backbon' is not registered",
                      "build_swin_fpn_backbone",  # the registered names are listed
                      "did you mean build_resnet_fpn_backbone?",
-                     "SOLVER.AMP.ENABLED needs a GPU"):
+                     "SOLVER.AMP.ENABLED with float16 needs a GPU", "or SOLVER.AMP.DTYPE bfloat16"):
         assert expected in text, (expected, text)
 
 
