@@ -187,3 +187,21 @@ def test_benchmark_of_the_filter_denoising_variants(one_thread, variant):
         check_breakdown(e["breakdown_ms"])
     check_train_entry(results["train"], "ours", 2, calls=1)
     assert results["overrides"][-len(variant):] == [str(v) for v in variant]
+
+
+def test_train_mode_follows_solver_amp(one_thread, monkeypatch):
+    """SOLVER.AMP.ENABLED with bfloat16: the timed training forwards run under autocast, as train_net.py trains."""
+    seen = []
+    ours_forward = DiffusionInst.forward
+
+    def spy(self, inputs):
+        if self.training:
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return ours_forward(self, inputs)
+
+    monkeypatch.setattr(DiffusionInst, "forward", spy)
+    opts = [*TINY_OPTS, "SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.DTYPE", "bfloat16"]
+    results = bench.run_benchmark(CONFIG, opts, mode="train", batch_size=2, warmup=0, repeats=1, image_size=(64, 96),
+                                  threads=1)
+    check_train_entry(results["train"], "ours", 2, calls=1)
+    assert seen and all(s == (True, torch.bfloat16) for s in seen)

@@ -517,6 +517,7 @@ def bench_train(
 ) -> Dict[str, Dict[str, Any]]:
     """Timed training iterations of each implementation on one fixed batch: forward (losses summed), backward, step.
 
+    With SOLVER.AMP.ENABLED the forwards run under autocast with SOLVER.AMP.DTYPE (no loss scaling).
     Every implementation trains the same model, with its own optimizer: ``diffusioninst.build_optimizer`` for ours,
     the original release's construction (``original_optimizer``) for the original. Their iterations are interleaved
     (warm-up of all, then round r of each, ...) so that a change in the machine's load affects them alike. Returns
@@ -528,10 +529,14 @@ def bench_train(
     forwards = train_forwards(model, inputs, impls)
     split: Dict[str, Dict[str, List[float]]] = {impl: defaultdict(list) for impl in impls}
 
+    amp = cfg.SOLVER.AMP.ENABLED  # as tools/train_net.py trains (loss scaling aside), for both code paths
+    amp_dtype = getattr(torch, cfg.SOLVER.AMP.DTYPE) if amp else None
+
     def step(impl: str, record: bool = True) -> float:
         t0 = time.perf_counter()
-        losses = forwards[impl]()
-        total = sum(losses.values())
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            losses = forwards[impl]()
+            total = sum(losses.values())
         synchronize(device)
         t1 = time.perf_counter()
         optimizers[impl].zero_grad()
