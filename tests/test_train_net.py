@@ -162,5 +162,6 @@ def test_mixed_precision_step_autocasts_and_steps():
     mixed_precision_step(trainer, torch.bfloat16, "cpu")
     assert seen == {"autocast": (True, torch.bfloat16), "dtype": torch.bfloat16}
     assert not trainer.grad_scaler.is_enabled() and not amp_grad_scaler(torch.bfloat16, "cuda").is_enabled()
-    assert amp_grad_scaler(torch.float16, "cuda").is_enabled() == torch.cuda.is_available()  # off without a GPU
+    if torch.cuda.is_available():  # (without a GPU torch disables a CUDA scaler itself, with a warning)
+        assert amp_grad_scaler(torch.float16, "cuda").is_enabled()
     assert not torch.equal(trainer.model.layer.weight, before) and trainer.written == [["loss_a", "loss_b"]]
