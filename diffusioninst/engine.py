@@ -19,6 +19,7 @@ __all__ = [
     "EvalHook",
     "amp_grad_scaler",
     "mixed_precision_step",
+    "training_amp_dtype",
     "LossCheck",
     "NonFiniteLossError",
     "nonfinite_terms",
@@ -179,6 +180,11 @@ def mixed_precision_step(trainer: Any, dtype: torch.dtype, device_type: str) -> 
     trainer._write_metrics(loss_dict, data_time)
     trainer.grad_scaler.step(trainer.optimizer)
     trainer.grad_scaler.update()
+
+
+def training_amp_dtype(cfg: Any) -> Optional[torch.dtype]:
+    """The autocast dtype of training (SOLVER.AMP.DTYPE), or None without SOLVER.AMP.ENABLED."""
+    return getattr(torch, cfg.SOLVER.AMP.DTYPE) if cfg.SOLVER.AMP.ENABLED else None
 
 
 def amp_grad_scaler(dtype: torch.dtype, device_type: str) -> torch.amp.GradScaler:

@@ -127,7 +127,8 @@ def test_instrumentation_is_removed_after_the_call(one_thread):
         assert parts["decoder"] > 0 and parts["total"] > 0
         if case["impl"] == "ours":
             assert parts["mask_head"] > 0 and parts["paste_masks"] > 0
-    assert (meta_arch.DynamicMaskWindows.window, meta_arch.masks_to_image, ref.head_forward, ref.stage_forward) == before
+    after = (meta_arch.DynamicMaskWindows.window, meta_arch.masks_to_image, ref.head_forward, ref.stage_forward)
+    assert after == before
     assert "mask_features" not in vars(model.head) and "preprocess_image" not in vars(model)
     assert "extract_features" not in vars(model)
     assert not model.backbone._forward_hooks and not model.backbone._forward_pre_hooks and not model.head._forward_hooks

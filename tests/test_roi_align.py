@@ -1,7 +1,6 @@
 """The sparse-matrix RoIAlign backward equals torchvision's gradient; the parallel forward is bit-identical to it."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import warnings
@@ -12,6 +11,7 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
 from torchvision.ops import roi_align
 
+from conftest import ROOT
 from diffusioninst.modeling.roi_align import (
     ROIAlignFastBackward, parallel_roi_align, roi_align_fast_backward, use_fast_roi_align_backward,
 )
@@ -116,8 +116,7 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 def test_parallel_forward_works_in_a_forked_child():
     # A fresh interpreter: libgomp itself hangs in a child forked after the parent ran an OpenMP region.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", FORK_SCRIPT], cwd=root, timeout=60, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", FORK_SCRIPT], cwd=ROOT, timeout=60, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
 
@@ -140,8 +139,7 @@ print(added, in_worker, torch.get_num_threads())
 
 def test_workers_start_no_openmp_teams_of_their_own():
     """More OpenMP threads than CPUs make libgomp stop spinning between parallel regions (slow small ops)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", THREADS_SCRIPT], cwd=root, timeout=60, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", THREADS_SCRIPT], cwd=ROOT, timeout=60, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     if done.stdout.startswith("no OpenMP"):
         pytest.skip(done.stdout.strip())

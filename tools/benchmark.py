@@ -7,8 +7,8 @@
 Inference: images/s and ms/image at batch 1 and at --batch-size (``model.inference`` in eval mode under no_grad),
 after warm-up calls, over N timed calls (median, min/max, IQR), a breakdown of one call (preprocess,
 backbone+FPN, mask branch, decoder over all DDIM steps, everything after the decoder) measured by wrapping the model's
-own calls with timers in separate, instrumented calls, and peak memory from one more call per case. ``--impl original`` runs the original
-release's inference as re-stated in ``tests/reference_original.py`` (batch 1 only) on the same weights and initial
+own calls with timers in separate, instrumented calls, and peak memory from one more call per case. ``--impl original``
+runs the original release's inference as re-stated in ``tests/reference_original.py`` (batch 1 only) on the same weights and initial
 boxes. Training: s/iteration (forward, backward, optimizer step from ``diffusioninst.build_optimizer``) and peak memory
 (one more iteration);
 ``--impl original`` trains with the original release's loss computation and optimizer as re-stated in the same file
@@ -55,6 +55,7 @@ from diffusioninst import (  # noqa: E402
     DiffusionInstDatasetMapper, add_diffusioninst_config, build_optimizer, configure_allocator,
 )
 from diffusioninst.data import register_datasets_from_cfg  # noqa: E402
+from diffusioninst.engine import training_amp_dtype  # noqa: E402
 
 RANDOM_INSTANCES_PER_IMAGE = 5  # ground-truth instances of each random training image
 TOP_PARTS = ("preprocess", "backbone_fpn", "mask_branch", "decoder", "after_decoder")  # sum to the call's total
@@ -529,12 +530,11 @@ def bench_train(
     forwards = train_forwards(model, inputs, impls)
     split: Dict[str, Dict[str, List[float]]] = {impl: defaultdict(list) for impl in impls}
 
-    amp = cfg.SOLVER.AMP.ENABLED  # as tools/train_net.py trains (loss scaling aside), for both code paths
-    amp_dtype = getattr(torch, cfg.SOLVER.AMP.DTYPE) if amp else None
+    amp_dtype = training_amp_dtype(cfg)  # as tools/train_net.py trains (loss scaling aside), for both code paths
 
     def step(impl: str, record: bool = True) -> float:
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             losses = forwards[impl]()
             total = sum(losses.values())
         synchronize(device)

@@ -35,6 +35,7 @@ from diffusioninst.data import register_datasets_from_cfg  # noqa: E402
 from diffusioninst.ema import EMAHook, ModelEMA, unwrap_model  # noqa: E402
 from diffusioninst.engine import (  # noqa: E402
     EvalHook, LossCheck, amp_grad_scaler, mixed_precision_step, out_of_memory_error, save_eval_results,
+    training_amp_dtype,
 )
 from diffusioninst.modeling.test_time_augmentation import DiffusionInstWithTTA  # noqa: E402
 
@@ -45,9 +46,10 @@ class Trainer(DefaultTrainer):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.amp_dtype = getattr(torch, cfg.SOLVER.AMP.DTYPE) if cfg.SOLVER.AMP.ENABLED else None
+        self.amp_dtype = training_amp_dtype(cfg)
+        self.device_type = torch.device(cfg.MODEL.DEVICE).type
         if self.amp_dtype is not None:
-            self._trainer.grad_scaler = amp_grad_scaler(self.amp_dtype, torch.device(cfg.MODEL.DEVICE).type)
+            self._trainer.grad_scaler = amp_grad_scaler(self.amp_dtype, self.device_type)
         me = weakref.proxy(self)  # no reference cycle through the model's forward hook
         self.loss_check = LossCheck(self._trainer.model, lambda: me.iter, lambda: me._last_checkpoint())
 
@@ -67,7 +69,7 @@ class Trainer(DefaultTrainer):
                 super().run_step()
             else:  # detectron2's AMPTrainer, with SOLVER.AMP.DTYPE
                 self._trainer.iter = self.iter
-                mixed_precision_step(self._trainer, self.amp_dtype, torch.device(self.cfg.MODEL.DEVICE).type)
+                mixed_precision_step(self._trainer, self.amp_dtype, self.device_type)
         except torch.cuda.OutOfMemoryError as exc:
             raise out_of_memory_error(self.cfg, "training", exc, self.iter, self._last_checkpoint()) from exc
 
