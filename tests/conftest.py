@@ -12,7 +12,18 @@ from diffusioninst import add_diffusioninst_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
-REFERENCE_STATE_DICT = ROOT.parent / "shared" / "reference" / "official_state_dict_r50.txt"
+REFERENCE_STATE_DICT = ROOT / "tests" / "data" / "official_state_dict_r50.txt"
+
+
+def reference_state_dict_shapes() -> dict:
+    """Key -> shape (tuple) of the original release's R50 COCO state_dict, in its order ('#' lines are comments)."""
+    shapes = {}
+    for line in REFERENCE_STATE_DICT.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, shape = line.rsplit(" ", 1)
+            dims = shape.strip("[]")
+            shapes[key] = tuple(int(d) for d in dims.split(",")) if dims else ()
+    return shapes
 
 
 def load_cfg(name: str, *opts):

@@ -2,8 +2,8 @@
 
 The configs are found by glob, so a new config is covered without touching this file. Names follow
 ``diffinst.<dataset>.<backbone>.<schedule>[.<variant>].yaml``; the facts each name implies (classes, datasets,
-schedule, backbone architecture) are checked against DESIGN.md §2 and the original DiffusionInst/DiffusionDet
-releases. ``Base-*.yaml`` files are only parsed and built.
+schedule, backbone architecture) are checked against the paper (Sec. 4, implementation details) and the original
+DiffusionInst/DiffusionDet releases' configs. ``Base-*.yaml`` files are only parsed and built.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
-from conftest import CONFIGS, REFERENCE_STATE_DICT, load_cfg
+from conftest import CONFIGS, load_cfg, reference_state_dict_shapes
 from diffusioninst.modeling.dynamic_mask_head import num_mask_head_params
 from diffusioninst.modeling.meta_arch import DiffusionInst
 
@@ -28,7 +28,7 @@ DATASETS = {
     "lvis": (1203, ("lvis_v1_train",), ("lvis_v1_val",)),
     "shapes": (4, ("shapes_train",), ("shapes_val",)),
 }
-# <schedule> token -> (MAX_ITER, STEPS) at 16 images per batch. 5x: DESIGN §2.10; 3x: the original release's
+# <schedule> token -> (MAX_ITER, STEPS) at 16 images per batch. 5x: the original release's 5x configs; 3x: its
 # 3x (Base and LVIS configs); 1x: the 5x decay points scaled to 90k (7/9 and 14/15 of the run).
 SCHEDULES = {
     "1x": (90000, (70000, 84000)),
@@ -69,17 +69,6 @@ def _tokens(name: str) -> list:
     return parts[1:]
 
 
-def _reference_shapes() -> dict:
-    """Key -> shape of the original release's R50/COCO state dict (format: 'key [d0,d1,...]' per line)."""
-    shapes = {}
-    for line in REFERENCE_STATE_DICT.read_text().splitlines():
-        if line.strip():
-            key, shape = line.rsplit(" ", 1)
-            dims = shape.strip("[]")
-            shapes[key] = tuple(int(d) for d in dims.split(",")) if dims else ()
-    return shapes
-
-
 def test_configs_are_found():
     assert "Base-DiffusionInst.yaml" in ALL_CONFIGS
     for name in (
@@ -112,7 +101,7 @@ def test_name_matches_contents(name):
     if variant == ["test-dev"]:
         assert dataset == "coco"
         assert tuple(cfg.DATASETS.TEST) == ("coco_2017_test-dev",)
-        assert d.NUM_PROPOSALS == 100  # DESIGN §2.11: 100 proposals for test-dev
+        assert d.NUM_PROPOSALS == 100  # the paper's test-dev setting: 100 proposals
     else:
         assert not variant, f"unknown variant {variant}"
         assert tuple(cfg.DATASETS.TEST) == test
@@ -137,7 +126,7 @@ def test_name_matches_contents(name):
         return  # the CPU configs are tuned separately; nothing below applies
     assert d.NUM_PROPOSALS in (100, 500)
     assert SCHEDULES[schedule] == (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS))
-    # DESIGN §2.10, shared by every full-size config (lr and schedule are stated for 16 images per batch).
+    # The paper's optimisation settings (Sec. 4), shared by every full-size config (at 16 images per batch).
     assert cfg.SOLVER.IMS_PER_BATCH == 16 and cfg.SOLVER.BASE_LR == pytest.approx(2.5e-5)
     assert cfg.SOLVER.OPTIMIZER == "ADAMW" and cfg.SOLVER.WEIGHT_DECAY == pytest.approx(1e-4)
     assert cfg.SOLVER.CLIP_GRADIENTS.ENABLED and cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model"
@@ -198,7 +187,7 @@ def test_builds_model(name):
         if tokens[:3] == ["diffinst", "coco", "res50"]:
             # Same architecture as the original release's R50 checkpoint: identical keys, shapes and size
             # (the number of proposals does not change the state dict).
-            ref = _reference_shapes()
+            ref = reference_state_dict_shapes()
             ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
             assert sum(torch.Size(s).numel() for s in ours.values()) == sum(torch.Size(s).numel() for s in ref.values())
             assert ours == ref

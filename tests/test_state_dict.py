@@ -6,18 +6,7 @@ import torch
 
 from detectron2.modeling import build_model
 
-from conftest import REFERENCE_STATE_DICT, load_cfg
-
-
-def _reference() -> dict:
-    entries = {}
-    for line in REFERENCE_STATE_DICT.read_text().splitlines():
-        if not line.strip():
-            continue
-        key, shape = line.rsplit(" ", 1)
-        dims = shape.strip("[]")
-        entries[key] = tuple(int(d) for d in dims.split(",")) if dims else ()
-    return entries
+from conftest import load_cfg, reference_state_dict_shapes
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +16,7 @@ def r50_model():
 
 
 def test_keys_and_shapes_equal_the_original(r50_model):
-    ref = _reference()
+    ref = reference_state_dict_shapes()
     ours = {k: tuple(v.shape) for k, v in r50_model.state_dict().items()}
     assert len(ref) == 605
     missing = sorted(set(ref) - set(ours))
@@ -41,7 +30,7 @@ def test_keys_and_shapes_equal_the_original(r50_model):
 
 def test_original_checkpoint_loads_strictly(r50_model):
     """A state dict laid out like the original's loads with no missing or unexpected keys."""
-    ref = _reference()
+    ref = reference_state_dict_shapes()
     fake = {k: torch.zeros(shape) for k, shape in ref.items()}
     result = r50_model.load_state_dict(fake, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
