@@ -104,6 +104,7 @@ def add_diffusioninst_config(cfg: CN) -> None:
 
     # Data.
     cfg.DATASETS.COCO_INSTANCES = ()  # extra COCO-format datasets: ((name, json_file, image_root), ...)
+    cfg.DATASETS.LVIS_INSTANCES = ()  # extra LVIS-v1-format datasets (LVIS metrics): ((name, json_file, image_root), ...)
     cfg.DATASETS.SKIP_INVALID = False  # skip (with a warning) bad images and annotations of unknown images/classes
     cfg.DATASETS.CHECK_IMAGE_FILES = True  # at dataset load, check each listed image file exists (a stat per image)
     cfg.INPUT.CROP_RESIZE_SIZES = (400, 500, 600)  # shortest-edge sizes of the crop path before RandomCrop

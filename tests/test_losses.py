@@ -98,3 +98,12 @@ def test_box_losses() -> None:
     pred = a.clone().requires_grad_(True)
     (giou_loss(pred, b).sum() + l1_box_loss(pred, b).sum()).backward()
     assert pred.grad is not None and torch.isfinite(pred.grad).all()
+
+
+def test_federated_loss_classes_with_fewer_classes_than_places() -> None:
+    """With K classes and more places than candidates (a small LVIS-format dataset), every class is kept once."""
+    weight = torch.tensor([1.0, 4.0, 9.0])
+    kept = federated_loss_classes(torch.tensor([1, 1, 3]), 50, 3, weight)  # 3 = background
+    assert sorted(kept.tolist()) == [0, 1, 2, 3]
+    kept = federated_loss_classes(torch.tensor([3, 3]), 2, 3, weight, torch.Generator().manual_seed(0))
+    assert len(kept) == 2 and len(set(kept.tolist())) == 2

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader  # noqa: E402
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch  # noqa: E402
-from detectron2.evaluation import COCOEvaluator, LVISEvaluator, verify_results  # noqa: E402
+from detectron2.evaluation import COCOEvaluator, verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
@@ -33,6 +33,7 @@ from diffusioninst.checkpoint import (  # noqa: E402
 from diffusioninst.config import ConfigError, ConfigFileNotFoundError, check_config, merge_config  # noqa: E402
 from diffusioninst.data import register_datasets_from_cfg  # noqa: E402
 from diffusioninst.ema import EMAHook, ModelEMA, unwrap_model  # noqa: E402
+from diffusioninst.evaluation import LVISEvaluator  # noqa: E402
 from diffusioninst.engine import (  # noqa: E402
     EvalHook, LossCheck, amp_grad_scaler, mixed_precision_step, out_of_memory_error, save_eval_results,
     training_amp_dtype,
@@ -77,7 +78,7 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         if MetadataCatalog.get(dataset_name).get("evaluator_type") == "lvis":
-            return LVISEvaluator(dataset_name, cfg, True, output_folder)
+            return LVISEvaluator(dataset_name, ("bbox", "segm"), True, output_folder)
         return COCOEvaluator(dataset_name, ("bbox", "segm"), True, output_folder)
 
     @classmethod

@@ -1,11 +1,29 @@
-"""Data: the synthetic shapes dataset, dataset registration and validation, and DiffusionInst's dataset mapper.
+"""Data: the synthetic shapes dataset (COCO and LVIS format), dataset registration and validation, and
+DiffusionInst's dataset mapper.
 
-Importing this package registers ``shapes_train`` and ``shapes_val`` (files are generated on first use),
+Importing this package registers ``shapes_train``, ``shapes_val`` and their LVIS-format versions
+``shapes_lvis_train``, ``shapes_lvis_val`` (files are generated on first use),
 as ``detectron2.data.datasets.builtin`` does for COCO and LVIS.
 """
 from .dataset_mapper import DiffusionInstDatasetMapper, ImageReadError, build_diffusioninst_augmentation, read_image
-from .datasets import SHAPES_SPLITS, class_image_count, register_datasets_from_cfg, register_shapes
-from .shapes import SHAPES_CATEGORIES, generate_shapes_dataset, shapes_dataset_paths
+from .datasets import (
+    SHAPES_LVIS_SPLITS,
+    SHAPES_SPLITS,
+    class_image_count,
+    load_lvis_format,
+    register_datasets_from_cfg,
+    register_lvis_format,
+    register_shapes,
+    register_shapes_lvis,
+)
+from .shapes import (
+    SHAPES_CATEGORIES,
+    SHAPES_LVIS_FREQUENCY,
+    generate_shapes_dataset,
+    shapes_dataset_paths,
+    shapes_lvis_paths,
+    write_shapes_lvis,
+)
 from .validation import (
     DatasetValidationError,
     install_validating_loaders,
@@ -16,6 +34,8 @@ from .validation import (
 
 __all__ = [
     "SHAPES_CATEGORIES",
+    "SHAPES_LVIS_FREQUENCY",
+    "SHAPES_LVIS_SPLITS",
     "SHAPES_SPLITS",
     "DatasetValidationError",
     "DiffusionInstDatasetMapper",
@@ -24,14 +44,20 @@ __all__ = [
     "class_image_count",
     "generate_shapes_dataset",
     "install_validating_loaders",
+    "load_lvis_format",
     "load_coco_instances",
     "read_image",
     "register_datasets_from_cfg",
+    "register_lvis_format",
     "register_shapes",
+    "register_shapes_lvis",
     "shapes_dataset_paths",
+    "shapes_lvis_paths",
     "validate_records",
+    "write_shapes_lvis",
 ]
 
 register_shapes()
+register_shapes_lvis()
 # detectron2 v0.6's MapDataset cannot retry a skipped sample on Python >= 3.11 (DATASETS.SKIP_INVALID needs it).
 patch_map_dataset_retry()

@@ -10,18 +10,29 @@ from collections.abc import Sequence
 from typing import Any
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import load_coco_json, register_coco_instances
+from detectron2.data.datasets import load_coco_json, load_lvis_json, register_coco_instances
 
-from .shapes import SHAPES_CATEGORIES, generate_shapes_dataset, shapes_dataset_paths
-from .validation import COCO_SOURCE, install_validating_loaders
+from .shapes import SHAPES_CATEGORIES, generate_shapes_dataset, shapes_dataset_paths, shapes_lvis_paths, write_shapes_lvis
+from .validation import COCO_SOURCE, DatasetValidationError, check_categories, install_validating_loaders, read_json
 
-__all__ = ["SHAPES_SPLITS", "class_image_count", "register_datasets_from_cfg", "register_shapes"]
+__all__ = [
+    "SHAPES_LVIS_SPLITS",
+    "SHAPES_SPLITS",
+    "class_image_count",
+    "load_lvis_format",
+    "register_datasets_from_cfg",
+    "register_lvis_format",
+    "register_shapes",
+]
 
 # Registered dataset name -> split of the shapes dataset.
 SHAPES_SPLITS: dict[str, str] = {"shapes_train": "train", "shapes_val": "val"}
+# Registered dataset name -> split of the LVIS-format shapes dataset (same images, federated labels, long tail).
+SHAPES_LVIS_SPLITS: dict[str, str] = {"shapes_lvis_train": "train", "shapes_lvis_val": "val"}
 
 _SHAPES_COLORS = [(220, 20, 60), (0, 130, 200), (60, 180, 75), (245, 130, 48)]
 _CFG_KEY = "DATASETS.COCO_INSTANCES"
+_LVIS_CFG_KEY = "DATASETS.LVIS_INSTANCES"
 
 
 def _default_root() -> str:
@@ -73,6 +84,58 @@ def register_shapes(root: str | None = None) -> None:
         DatasetCatalog.register(name, _shapes_loader(root, name))
 
 
+def register_shapes_lvis(root: str | None = None) -> None:
+    """Register ``shapes_lvis_train`` and ``shapes_lvis_val``: the shapes images with LVIS-v1-format labels
+    (:func:`.shapes.write_shapes_lvis`, written on the first ``DatasetCatalog.get`` if missing), evaluated with
+    LVIS's federated metrics. Names already registered are left alone."""
+    root = os.path.expanduser(root) if root is not None else _default_root()
+    for name, split in SHAPES_LVIS_SPLITS.items():
+        if name not in DatasetCatalog.list():
+            register_lvis_format(name, *shapes_lvis_paths(root, split), prepare=lambda: write_shapes_lvis(root))
+
+
+def register_lvis_format(name: str, json_file: str, image_root: str, prepare=None) -> None:
+    """Register an LVIS-v1-format dataset (evaluated by LVIS's federated protocol). ``prepare()``, if given, runs
+    before each load (e.g. to write the file)."""
+
+    def load() -> list[dict]:
+        if prepare is not None:
+            prepare()
+        return load_lvis_format(json_file, image_root, name)
+
+    DatasetCatalog.register(name, load)
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="lvis")
+
+
+def load_lvis_format(json_file: str, image_root: str, dataset_name: str) -> list[dict]:
+    """Records of an LVIS-v1-format file by detectron2's ``load_lvis_json``, after checking what it assumes, and
+    the dataset's metadata from the file's categories: ``thing_classes`` and, when the categories carry
+    ``image_count`` (as LVIS's do), ``class_image_count`` for the federated loss."""
+    where = f"dataset {dataset_name!r} ({json_file})"
+    data = read_json(json_file, where)
+    names = check_categories(data.get("categories") or [], where)
+    ids = sorted(names)
+    if ids != list(range(1, len(ids) + 1)):
+        raise DatasetValidationError(
+            f"{where}: LVIS-format category ids must be 1..{len(ids)} (detectron2 reads id k as class k - 1); "
+            f"found {ids[:8]}{' ...' if len(ids) > 8 else ''}. Use DATASETS.COCO_INSTANCES for other ids"
+        )
+    for i, img in enumerate(data.get("images") or []):
+        if not isinstance(img, dict) or not isinstance(img.get("coco_url"), str) or img["coco_url"].count("/") < 1:
+            raise DatasetValidationError(
+                f"{where}: images[{i}] has no 'coco_url'; LVIS-format images are found at <image_root>/<folder>/<file> "
+                "from the last two parts of their coco_url (e.g. http://images.cocodataset.org/val2017/x.jpg -> "
+                "<image_root>/val2017/x.jpg), as in LVIS v1"
+            )
+    meta = MetadataCatalog.get(dataset_name)
+    categories = sorted(data["categories"], key=lambda c: c["id"])
+    meta.thing_classes = [c["name"] for c in categories]
+    if all(isinstance(c.get("image_count"), int) for c in categories):
+        meta.class_image_count = [{"id": c["id"], "image_count": c["image_count"]} for c in categories]
+    del data
+    return load_lvis_json(json_file, os.path.join(image_root, ""))
+
+
 def _same_path(a: str, b: str) -> bool:
     return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
 
@@ -81,7 +144,7 @@ def _relative_note(path: str) -> str:
     return "" if os.path.isabs(os.path.expanduser(path)) else f" (relative to the working directory {os.getcwd()})"
 
 
-def _parse_entry(index: int, entry: Any) -> tuple[str, str, str]:
+def _parse_entry(key: str, index: int, entry: Any) -> tuple[str, str, str]:
     if (
         isinstance(entry, (str, bytes))
         or not isinstance(entry, Sequence)
@@ -89,34 +152,21 @@ def _parse_entry(index: int, entry: Any) -> tuple[str, str, str]:
         or not all(isinstance(x, str) and x for x in entry)
     ):
         raise ValueError(
-            f"{_CFG_KEY}[{index}] must be a (name, json_file, image_root) triple of non-empty strings, "
-            f"got {entry!r}"
+            f"{key}[{index}] must be a (name, json_file, image_root) triple of non-empty strings, got {entry!r}"
         )
     name, json_file, image_root = entry
     return name, json_file, image_root
 
 
-def register_datasets_from_cfg(cfg) -> list[str]:
-    """Register each ``(name, json_file, image_root)`` of ``cfg.DATASETS.COCO_INSTANCES`` as a COCO dataset.
-
-    Lets a config or command line train/evaluate on any COCO-format data without code changes. Returns the
-    declared names in order. A name already registered with the same files is skipped; with other files, or
-    a malformed entry, raises ValueError; a missing json file or image directory raises FileNotFoundError.
-    All entries are checked before any is registered.
-
-    Then the loaders of the datasets named in ``DATASETS.TRAIN`` and ``DATASETS.TEST`` (from any source) are
-    replaced by validating ones (:func:`.validation.install_validating_loaders`): bad annotation files, missing
-    images and a ``MODEL.DiffusionInst.NUM_CLASSES`` that disagrees with the data fail with an error naming the
-    file and the entry when the dataset is first loaded, before training; ``DATASETS.SKIP_INVALID`` drops bad
-    entries with a warning instead.
-    """
-    entries = cfg.DATASETS.get("COCO_INSTANCES", ())
+def _declared_datasets(cfg, key: str, declared: dict[str, tuple[str, str]]) -> list[str]:
+    """Check the entries of ``cfg.<key>`` (a config key holding (name, json_file, image_root) triples); returns the
+    names to register and records every entry in ``declared``."""
+    entries = cfg.DATASETS.get(key.split(".", 1)[1], ())
     if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
-        raise ValueError(f"{_CFG_KEY} must be a sequence of (name, json_file, image_root), got {entries!r}")
-    declared: dict[str, tuple[str, str]] = {}
+        raise ValueError(f"{key} must be a sequence of (name, json_file, image_root), got {entries!r}")
     to_register = []
     for index, entry in enumerate(entries):
-        name, json_file, image_root = _parse_entry(index, entry)
+        name, json_file, image_root = _parse_entry(key, index, entry)
         if name in declared or name in DatasetCatalog.list():
             if name in declared:
                 old_json, old_root = declared[name]
@@ -132,25 +182,47 @@ def register_datasets_from_cfg(cfg) -> list[str]:
                 declared[name] = (json_file, image_root)
                 continue
             raise ValueError(
-                f"{_CFG_KEY}[{index}] {tuple(entry)!r}: dataset {name!r} is already registered with "
+                f"{key}[{index}] {tuple(entry)!r}: dataset {name!r} is already registered with "
                 f"json_file={old_json!r}, image_root={old_root!r}; choose another name"
             )
         if not os.path.isfile(json_file):
             what = "is a directory, not a file" if os.path.isdir(json_file) else "not found"
             raise FileNotFoundError(
-                f"{_CFG_KEY}[{index}]: json file of dataset {name!r} {what}: {json_file}{_relative_note(json_file)}"
+                f"{key}[{index}]: json file of dataset {name!r} {what}: {json_file}{_relative_note(json_file)}"
             )
         if not os.path.isdir(image_root):
             what = "is a file, not a directory" if os.path.isfile(image_root) else "not found"
             raise FileNotFoundError(
-                f"{_CFG_KEY}[{index}]: image directory of dataset {name!r} {what}: {image_root}"
+                f"{key}[{index}]: image directory of dataset {name!r} {what}: {image_root}"
                 f"{_relative_note(image_root)}"
             )
         declared[name] = (json_file, image_root)
         to_register.append(name)
-    for name in to_register:
-        json_file, image_root = declared[name]
-        register_coco_instances(name, {}, json_file, image_root)
+    return to_register
+
+
+def register_datasets_from_cfg(cfg) -> list[str]:
+    """Register each ``(name, json_file, image_root)`` of ``cfg.DATASETS.COCO_INSTANCES`` as a COCO-format dataset
+    and of ``cfg.DATASETS.LVIS_INSTANCES`` as an LVIS-format one (evaluated with LVIS's federated metrics).
+
+    Lets a config or command line train/evaluate on any COCO- or LVIS-format data without code changes. Returns the
+    declared names in order. A name already registered with the same files is skipped; with other files, or
+    a malformed entry, raises ValueError; a missing json file or image directory raises FileNotFoundError.
+    All entries are checked before any is registered.
+
+    Then the loaders of the datasets named in ``DATASETS.TRAIN`` and ``DATASETS.TEST`` (from any source) are
+    replaced by validating ones (:func:`.validation.install_validating_loaders`): bad annotation files, missing
+    images and a ``MODEL.DiffusionInst.NUM_CLASSES`` that disagrees with the data fail with an error naming the
+    file and the entry when the dataset is first loaded, before training; ``DATASETS.SKIP_INVALID`` drops bad
+    entries with a warning instead.
+    """
+    declared: dict[str, tuple[str, str]] = {}
+    coco = _declared_datasets(cfg, _CFG_KEY, declared)
+    lvis = _declared_datasets(cfg, _LVIS_CFG_KEY, declared)
+    for name in coco:
+        register_coco_instances(name, {}, *declared[name])
+    for name in lvis:
+        register_lvis_format(name, *declared[name])
     install_validating_loaders(cfg)
     return list(declared)
 

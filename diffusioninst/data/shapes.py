@@ -19,7 +19,14 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_util
 
-__all__ = ["SHAPES_CATEGORIES", "generate_shapes_dataset", "shapes_dataset_paths"]
+__all__ = [
+    "SHAPES_CATEGORIES",
+    "SHAPES_LVIS_FREQUENCY",
+    "generate_shapes_dataset",
+    "shapes_dataset_paths",
+    "shapes_lvis_paths",
+    "write_shapes_lvis",
+]
 
 SHAPES_CATEGORIES: list[dict[str, Any]] = [
     {"id": 1, "name": "circle", "supercategory": "shape"},
@@ -27,6 +34,12 @@ SHAPES_CATEGORIES: list[dict[str, Any]] = [
     {"id": 3, "name": "triangle", "supercategory": "shape"},
     {"id": 4, "name": "star", "supercategory": "shape"},
 ]
+
+# LVIS frequency group of each shape class in the LVIS-format split (write_shapes_lvis): the training split keeps a
+# class's annotations in every image ("f"), in one image of _LVIS_KEEP_EVERY["c"] ("c") or of _LVIS_KEEP_EVERY["r"]
+# ("r"), so the groups form a real long tail, as LVIS's rare (1-10 images) / common (11-100) / frequent (>100) do.
+SHAPES_LVIS_FREQUENCY: dict[str, str] = {"circle": "f", "square": "f", "triangle": "c", "star": "r"}
+_LVIS_KEEP_EVERY = {"f": 1, "c": 4, "r": 16}
 
 # Bump when the generator's output changes, so an existing dataset made by an older version is detected.
 _FORMAT_VERSION = 1
@@ -322,3 +335,92 @@ def _mask_to_annotation(visible: np.ndarray) -> tuple[list[list[float]], float, 
         return None  # the visible part has a hole
     bbox = [float(v) for v in mask_util.toBbox(rle)]
     return polygons, float(mask_util.area(rle)), bbox
+
+
+def shapes_lvis_paths(root: str, split: str) -> tuple[str, str]:
+    """Return ``(json_file, image_root)`` of one split of the LVIS-format shapes dataset under ``root``.
+
+    Images are shared with the COCO-format split; as in LVIS v1, each image is located by its ``coco_url``'s
+    last two parts under ``image_root`` (``<root>/shapes/`` + ``<split>/<file>``).
+    """
+    shapes_dir = os.path.join(root, "shapes")
+    return os.path.join(shapes_dir, "annotations", f"lvis_v1_{split}.json"), shapes_dir + os.sep
+
+
+def write_shapes_lvis(root: str) -> tuple[str, str]:
+    """Write the LVIS-v1-format version of the shapes dataset under ``<root>/shapes`` (generated first if missing)
+    and return the paths of the train and val json files. Deterministic; a file written from the same COCO-format
+    dataset is left as it is (one from a regenerated dataset is rewritten).
+
+    Train: federated annotation with a long tail (:data:`SHAPES_LVIS_FREQUENCY`): a dropped instance's class is
+    neither positive nor negative for its image, as in LVIS. Val: every instance kept; ``neg_category_ids`` lists the
+    absent classes (one is left unverified in every third image) and every fourth image marks its first class as
+    ``not_exhaustive_category_ids``, so evaluation meets all three of LVIS's per-image category states.
+    """
+    if not os.path.isfile(shapes_dataset_paths(root, "val")[0]):
+        generate_shapes_dataset(root)
+    train = _lvis_split(root, "train", None)
+    counts = {c["id"]: (c["image_count"], c["instance_count"]) for c in train["categories"]}
+    out = []
+    for split, data in (("train", train), ("val", _lvis_split(root, "val", counts))):
+        path = shapes_lvis_paths(root, split)[0]
+        if _read_info(path) != data["info"]:
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.write(json.dumps(data, separators=(",", ":")))
+            os.replace(tmp, path)
+        out.append(path)
+    return out[0], out[1]
+
+
+def _read_info(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            return json.load(f)["info"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _lvis_split(root: str, split: str, train_counts: dict[int, tuple[int, int]] | None) -> dict[str, Any]:
+    """The LVIS-format dict of one split; categories carry the training split's image and instance counts."""
+    with open(shapes_dataset_paths(root, split)[0]) as f:
+        coco = json.load(f)
+    frequency = {c["id"]: SHAPES_LVIS_FREQUENCY[c["name"]] for c in SHAPES_CATEGORIES}
+    cat_ids = [c["id"] for c in SHAPES_CATEGORIES]
+    by_image: dict[int, list[dict[str, Any]]] = {img["id"]: [] for img in coco["images"]}
+    for ann in coco["annotations"]:
+        by_image[ann["image_id"]].append(ann)
+    images, annotations = [], []
+    for index, img in enumerate(coco["images"]):
+        anns = by_image[img["id"]]
+        if train_counts is None:  # federated training labels: a class is kept in one image of _LVIS_KEEP_EVERY
+            anns = [a for a in anns if index % _LVIS_KEEP_EVERY[frequency[a["category_id"]]] == 0]
+        present = sorted({a["category_id"] for a in anns})
+        absent = [c for c in cat_ids if c not in present]
+        if train_counts is None:
+            dropped = {a["category_id"] for a in by_image[img["id"]]} - set(present)
+            negative = [c for c in absent if c not in dropped]  # a dropped class is unknown, not absent
+            not_exhaustive: list[int] = []
+        else:
+            negative = absent[1:] if index % 3 == 0 and absent else absent
+            not_exhaustive = present[:1] if index % 4 == 0 else []
+        images.append({
+            "id": img["id"],
+            "width": img["width"],
+            "height": img["height"],
+            "coco_url": f"http://shapes.invalid/{split}/{img['file_name']}",
+            "neg_category_ids": negative,
+            "not_exhaustive_category_ids": not_exhaustive,
+        })
+        annotations += [{k: a[k] for k in ("id", "image_id", "category_id", "segmentation", "area", "bbox")}
+                        for a in anns]
+    if train_counts is None:
+        train_counts = {c: (len({a["image_id"] for a in annotations if a["category_id"] == c}),
+                            sum(a["category_id"] == c for a in annotations)) for c in cat_ids}
+    categories = [{
+        "id": c["id"], "name": c["name"], "synonyms": [c["name"]], "synset": f"{c['name']}.n.01",
+        "def": f"a {c['name']} drawn on a textured background", "frequency": frequency[c["id"]],
+        "image_count": train_counts[c["id"]][0], "instance_count": train_counts[c["id"]][1],
+    } for c in SHAPES_CATEGORIES]
+    return {"info": {**coco["info"], "description": f"DiffusionInst synthetic shapes, LVIS v1 format, {split} split"},
+            "licenses": [], "images": images, "annotations": annotations, "categories": categories}

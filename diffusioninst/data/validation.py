@@ -191,7 +191,8 @@ def _clean_segmentation(segm: Any, height: Any, width: Any) -> tuple[Any, list[s
 # COCO json
 
 
-def _read_coco_json(json_file: str, where: str) -> dict:
+def read_json(json_file: str, where: str) -> dict:
+    """The annotation file's top-level JSON object; errors name ``where`` and say what is wrong with the file."""
     local = PathManager.get_local_path(json_file)
     if not os.path.isfile(local):
         note = "" if os.path.isabs(local) else (
@@ -236,7 +237,8 @@ def _entry_list(data: dict, key: str, where: str, required: bool, why: str = "")
     return value
 
 
-def _check_categories(categories: list, where: str) -> dict:
+def check_categories(categories: list, where: str) -> dict:
+    """Category id -> name of a COCO/LVIS 'categories' list, which must be non-empty with unique integer ids."""
     if not categories:
         raise DatasetValidationError(f"{where}: 'categories' is empty; list the dataset's classes there")
     names = {}
@@ -294,12 +296,12 @@ def load_coco_instances(
     """
     where = f"dataset {dataset_name!r} ({json_file})"
     start = time.perf_counter()
-    data = _read_coco_json(json_file, where)
+    data = read_json(json_file, where)
     why_annotations = " (a training set needs instance annotations)"
     images = _entry_list(data, "images", where, True)
     annotations = _entry_list(data, "annotations", where, options.is_train, why_annotations)
     categories = _entry_list(data, "categories", where, True)
-    class_names = _check_categories(categories, where)
+    class_names = check_categories(categories, where)
     images_by_id = _check_images(images, where)
     problems = _Problems(where)
 
@@ -552,15 +554,34 @@ def _coco_source(name: str, loader: Callable) -> tuple[str, str, Callable[[], No
 def load_validated(name: str, loader: Callable[[], Any], options: ValidationOptions) -> list[dict]:
     """Load dataset ``name`` (whose registered loader is ``loader``) with the checks of ``options``."""
     source = _coco_source(name, loader)
+    meta = MetadataCatalog.get(name)
     if source is not None:
         json_file, image_root, prepare = source
         if prepare is not None:
             prepare()
         records = load_coco_instances(json_file, image_root, name, options)
     else:
-        records = validate_records(loader(), name, options)
+        try:
+            loaded = loader()
+        except FileNotFoundError:
+            json_file = meta.get("json_file")
+            if json_file and _is_local(json_file) and not os.path.isfile(json_file):
+                read_json(json_file, f"dataset {name!r}")  # raises the message that says where the file is looked for
+            raise
+        records = validate_records(loaded, name, options)
     check_num_classes(name, options)
+    if options.is_train and meta.get("class_image_count") is None and options.num_classes is not None:
+        meta.class_image_count = _class_image_count(records, options.num_classes)  # for the federated loss
     return records
+
+
+def _class_image_count(records: list[dict], num_classes: int) -> list[dict]:
+    """``[{"id": k + 1, "image_count": images with class k}, ...]`` of checked records (non-crowd instances)."""
+    counts = [0] * num_classes
+    for record in records:
+        for k in {a["category_id"] for a in record.get("annotations", ()) if not a.get("iscrowd", 0)}:
+            counts[k] += 1
+    return [{"id": k + 1, "image_count": n} for k, n in enumerate(counts)]
 
 
 def install_validating_loaders(cfg) -> list[str]:

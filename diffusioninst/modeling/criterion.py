@@ -1,7 +1,7 @@
 """DiffusionInst losses: focal classification, L1 and GIoU boxes, dice masks; every decoder stage supervised."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,7 @@ class SetCriterion(nn.Module):
         focal_gamma: float = 2.0,
         use_focal: bool = True,
         use_fed_loss: bool = False,
-        fed_loss_class_weights: Optional[torch.Tensor] = None,
+        fed_loss_class_weights: Union[torch.Tensor, Callable[[], torch.Tensor], None] = None,
         fed_loss_num_classes: int = 50,
         mask_deep_supervision: bool = True,
         mask_head_layout: Tuple[int, int, int] = (8, 8, 3),
@@ -67,18 +67,32 @@ class SetCriterion(nn.Module):
         self.use_focal = use_focal
         self.use_fed_loss = use_fed_loss
         self.fed_loss_num_classes = fed_loss_num_classes
-        if use_fed_loss:
-            if fed_loss_class_weights is None or len(fed_loss_class_weights) != num_classes:
-                raise ValueError(
-                    "USE_FED_LOSS needs one class frequency weight per class "
-                    f"(got {None if fed_loss_class_weights is None else len(fed_loss_class_weights)}, "
-                    f"NUM_CLASSES={num_classes})"
-                )
-            self.register_buffer("fed_loss_class_weights", fed_loss_class_weights.float(), persistent=False)
+        # The federated loss's per-class weights (K,), or a function that gives them on the first training forward
+        # (they come from the training set, which evaluation never reads).
+        self._fed_loss_weights_source = fed_loss_class_weights if callable(fed_loss_class_weights) else None
+        if use_fed_loss and fed_loss_class_weights is None:
+            raise ValueError("USE_FED_LOSS needs the class frequency weights (or a function that gives them)")
+        weights = None if self._fed_loss_weights_source is not None else fed_loss_class_weights
+        if use_fed_loss and weights is not None:
+            self._check_fed_loss_weights(weights)
+        self.register_buffer("fed_loss_class_weights", None if weights is None else weights.float(), persistent=False)
         self.mask_deep_supervision = mask_deep_supervision
         self.mask_head_layout = mask_head_layout
         self.mask_stride = mask_stride
         self.use_box_loss = use_box_loss
+
+    def _check_fed_loss_weights(self, weights: torch.Tensor) -> None:
+        if weights.shape != (self.num_classes,):
+            raise ValueError(f"USE_FED_LOSS needs one class frequency weight per class (got shape "
+                             f"{tuple(weights.shape)}, MODEL.DiffusionInst.NUM_CLASSES={self.num_classes})")
+
+    def _fed_loss_weights(self, device: torch.device) -> torch.Tensor:
+        """The federated loss's class weights (K,), computed from their source on first use."""
+        if self.fed_loss_class_weights is None:
+            weights = self._fed_loss_weights_source()
+            self._check_fed_loss_weights(weights)
+            self.fed_loss_class_weights = weights.float().to(device)
+        return self.fed_loss_class_weights
 
     def forward(
         self,
@@ -135,7 +149,7 @@ class SetCriterion(nn.Module):
             cls_loss = F.binary_cross_entropy_with_logits(flat, onehot, reduction="none")
         if self.use_fed_loss:
             classes = federated_loss_classes(
-                target_classes.flatten(), self.fed_loss_num_classes, k, self.fed_loss_class_weights
+                target_classes.flatten(), self.fed_loss_num_classes, k, self._fed_loss_weights(logits.device)
             )
             keep = torch.zeros(k + 1, device=logits.device, dtype=cls_loss.dtype)
             keep[classes] = 1

@@ -59,9 +59,11 @@ def federated_loss_classes(
     prob[-1] = 0
     prob[:num_classes] = weight.float().clone()
     prob[unique_gt] = 0
-    negatives = torch.multinomial(
-        prob, num_fed_loss_classes - len(unique_gt), replacement=False, generator=generator
-    )
+    # With few classes (a small LVIS-format dataset) there may be fewer candidates than places: take them all.
+    num_negatives = min(num_fed_loss_classes - len(unique_gt), int((prob > 0).sum()))
+    if num_negatives <= 0:
+        return unique_gt
+    negatives = torch.multinomial(prob, num_negatives, replacement=False, generator=generator)
     return torch.cat([unique_gt, negatives])
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import zlib
+from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -25,6 +26,13 @@ from .postprocess import masks_to_image, nms_and_cap, select_topk
 from .sampler import DDIMSampler
 
 __all__ = ["DiffusionInst"]
+
+
+def _fed_loss_weights(train_set: Optional[str], num_classes: int, power: float) -> torch.Tensor:
+    """The federated loss's class weights (K,) from the image counts of the training set's classes."""
+    if train_set is None:
+        raise ValueError("MODEL.DiffusionInst.USE_FED_LOSS needs a training set (DATASETS.TRAIN) to count classes")
+    return fed_loss_class_weights(class_image_count(train_set, num_classes), power)
 
 
 @META_ARCH_REGISTRY.register()
@@ -169,9 +177,9 @@ class DiffusionInst(nn.Module):
             center_radius=d.CENTER_RADIUS,
         )
         fed_weights = None
-        if d.USE_FED_LOSS:
-            counts = class_image_count(cfg.DATASETS.TRAIN[0], d.NUM_CLASSES)
-            fed_weights = fed_loss_class_weights(counts, d.FED_LOSS_FREQ_WEIGHT_POWER)
+        if d.USE_FED_LOSS:  # class image counts of the training set, read at the first training iteration
+            train_set, power = cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else None, d.FED_LOSS_FREQ_WEIGHT_POWER
+            fed_weights = partial(_fed_loss_weights, train_set, d.NUM_CLASSES, power)
         criterion = SetCriterion(
             num_classes=d.NUM_CLASSES, matcher=matcher, class_weight=d.CLASS_WEIGHT, l1_weight=d.L1_WEIGHT,
             giou_weight=d.GIOU_WEIGHT, mask_weight=d.MASK_WEIGHT, focal_alpha=d.ALPHA, focal_gamma=d.GAMMA,
