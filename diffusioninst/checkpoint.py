@@ -21,15 +21,26 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from .errors import UserError
+
 __all__ = [
+    "ARCHITECTURE_KEYS",
+    "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "DiffusionInstCheckpointer",
     "LoadReport",
     "NonFiniteWeightsError",
+    "UnsafeCheckpointError",
+    "architecture",
+    "check_optimizer_state",
+    "check_resume",
+    "load_pickled_weights",
+    "refused_object",
     "load_weights",
 ]
 
@@ -38,16 +49,74 @@ logger = logging.getLogger(__name__)
 _TMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
 
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(UserError, FileNotFoundError):
     """The checkpoint file to load does not exist."""
 
 
-class CorruptCheckpointError(RuntimeError):
+class CorruptCheckpointError(UserError, RuntimeError):
     """The checkpoint file exists but cannot be read (truncated, partly written, or not a checkpoint)."""
 
 
-class NonFiniteWeightsError(FloatingPointError):
+class UnsafeCheckpointError(UserError, pickle.UnpicklingError):
+    """The checkpoint holds objects other than weights, which loading would have to execute."""
+
+
+class CheckpointMismatchError(UserError, ValueError):
+    """The checkpoint does not fit the model of the config (resuming, or evaluating with incomplete weights)."""
+
+
+class NonFiniteWeightsError(UserError, FloatingPointError):
     """The model holds NaN/Inf weights; saving them would overwrite a usable checkpoint with a broken one."""
+
+
+# What a detectron2-style .pkl weights file may contain besides dicts, lists, strings and numbers: numpy arrays,
+# dtypes and scalars (as numpy 1 and numpy 2 pickle them) and ordered dicts. Anything else is refused.
+_PICKLE_ALLOWED = {
+    ("collections", "OrderedDict"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),  # bytes pickled by Python 3 with protocol 2
+    *((module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+      for name in ("_reconstruct", "scalar")),
+}
+
+
+_NUMPY_2 = np.lib.NumpyVersion(np.__version__) >= "2.0.0"
+
+
+class _WeightsUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only the globals of :data:`_PICKLE_ALLOWED`, so loading cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _PICKLE_ALLOWED:
+            raise UnsafeCheckpointError(f"{module}.{name}")
+        if module == "numpy.core.multiarray" and _NUMPY_2:  # numpy 2 moved it; files keep the old name
+            module = "numpy._core.multiarray"
+        return super().find_class(module, name)
+
+
+def refused_object(exc: BaseException) -> Optional[str]:
+    """The object torch's weights-only unpickler refused (``module.name``), from its error; None for other errors."""
+    match = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return match.group(1) if match else None
+
+
+def load_pickled_weights(path: str, allow_pickle: bool = False) -> Any:
+    """Unpickle a ``.pkl`` weights file with :class:`_WeightsUnpickler` (or without restriction if ``allow_pickle``).
+
+    Raises :class:`UnsafeCheckpointError` naming the file and the refused object before anything of it runs.
+    """
+    with open(path, "rb") as f:
+        if allow_pickle:
+            return pickle.load(f, encoding="latin1")
+        try:
+            return _WeightsUnpickler(f, encoding="latin1").load()
+        except UnsafeCheckpointError as exc:
+            raise UnsafeCheckpointError(
+                f"{path} holds the object {exc}, not only weights (arrays, numbers, strings, containers); it was "
+                "not loaded, since unpickling it could run code. If you trust the file, allow full unpickling "
+                "(MODEL.WEIGHTS_ALLOW_PICKLE True, or --allow-pickle for tools/convert_pretrained.py)"
+            ) from None
 
 
 @dataclass
@@ -168,17 +237,25 @@ class DiffusionInstCheckpointer(DetectionCheckpointer):
 
     fsync = True  # flush checkpoints to disk before renaming (survives a machine crash, not only a killed process)
 
-    def __init__(self, model, save_dir: str = "", *, save_to_disk=None, **checkpointables):
+    def __init__(self, model, save_dir: str = "", *, save_to_disk=None, allow_pickle: bool = False,
+                 architecture: Optional[Dict[str, Any]] = None, **checkpointables):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.last_load_report: Optional[LoadReport] = None
+        self.allow_pickle = allow_pickle  # MODEL.WEIGHTS_ALLOW_PICKLE: unpickle files without restriction
+        self.architecture = architecture  # written into every checkpoint, compared on --resume
         self._source = "MODEL.WEIGHTS"
         self._path = ""
+        self._resuming = False
 
     # ---------------------------------------------------------------------------------------------- loading
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
         if resume and self.has_checkpoint():
             tag = os.path.join(self.save_dir, "last_checkpoint")
-            return self.load(self.get_checkpoint_file(), source=f"the last checkpoint named by {tag} (--resume)")
+            self._resuming = True  # a model that does not fit is refused before anything is loaded
+            try:
+                return self.load(self.get_checkpoint_file(), source=f"the last checkpoint named by {tag} (--resume)")
+            finally:
+                self._resuming = False
         return self.load(path, checkpointables=[])
 
     def load(self, path: str, checkpointables: Optional[List[str]] = None, *, source: str = "MODEL.WEIGHTS"):
@@ -191,6 +268,9 @@ class DiffusionInstCheckpointer(DetectionCheckpointer):
                 except Exception as exc:  # e.g. a URL that cannot be downloaded
                     raise CheckpointNotFoundError(
                         f"{source}: cannot fetch checkpoint {path!r}: {exc}") from exc
+            if os.path.isdir(local):
+                raise CheckpointNotFoundError(f"{source}: {path} is a directory, not a checkpoint file; name the "
+                                              ".pth/.pkl file in it")
             if not os.path.isfile(local):
                 raise CheckpointNotFoundError(self._not_found_message(path, source))
             path = local
@@ -210,19 +290,34 @@ class DiffusionInstCheckpointer(DetectionCheckpointer):
         return message
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
+        """detectron2's reading of .pkl / .pyth / .pth files, without running code from them: .pkl files are first
+        parsed by :func:`load_pickled_weights`, .pth files are read weights-only (unless ``allow_pickle``)."""
         if os.path.isfile(filename) and os.path.getsize(filename) == 0:
             raise CorruptCheckpointError(self._corrupt_message(filename, "the file is empty"))
         try:
-            loaded = super()._load_file(filename)
-        except (EOFError, zipfile.BadZipFile, pickle.UnpicklingError, RuntimeError, ValueError,
-                UnicodeDecodeError) as exc:
-            text = str(exc)
-            if "Unsupported global" in text:  # readable, but holds objects torch.load refuses by default
-                raise
+            if filename.endswith(".pkl"):
+                load_pickled_weights(filename, self.allow_pickle)  # refuses a file that would run code
+                loaded = super()._load_file(filename)
+            elif filename.endswith(".pyth"):
+                loaded = super()._load_file(filename)
+            else:
+                loaded = torch.load(filename, map_location="cpu", weights_only=not self.allow_pickle)
+                loaded = loaded if isinstance(loaded, dict) and "model" in loaded else {"model": loaded}
+        except UserError:
+            raise
+        except pickle.UnpicklingError as exc:
+            refused = refused_object(exc)
+            if refused:
+                raise UnsafeCheckpointError(
+                    f"{self._source}: {filename} holds the object {refused}, not only weights; it was not "
+                    "loaded, since unpickling it could run code. If you trust the file, set "
+                    "MODEL.WEIGHTS_ALLOW_PICKLE True") from None
             raise CorruptCheckpointError(self._corrupt_message(filename, _short_reason(exc))) from exc
-        if not isinstance(loaded, dict):
-            raise CorruptCheckpointError(self._corrupt_message(filename, f"it holds a {type(loaded).__name__}, "
-                                                                         "not a state dict"))
+        except Exception as exc:  # noqa: BLE001  (any content that is not a checkpoint: a text file, an image...)
+            raise CorruptCheckpointError(self._corrupt_message(filename, _short_reason(exc))) from exc
+        if not isinstance(loaded, dict) or not isinstance(loaded.get("model"), dict):
+            kind = type(loaded.get("model") if isinstance(loaded, dict) else loaded).__name__
+            raise CorruptCheckpointError(self._corrupt_message(filename, f"it holds a {kind}, not a state dict"))
         return loaded
 
     def _corrupt_message(self, filename: str, why: str) -> str:
@@ -239,6 +334,16 @@ class DiffusionInstCheckpointer(DetectionCheckpointer):
         return message
 
     def _load_model(self, checkpoint: Any):
+        if self._resuming:
+            _check_architecture(self.architecture, checkpoint.get("architecture"), self._path)
+            ours = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+            theirs = {k: tuple(v.shape) for k, v in checkpoint["model"].items() if hasattr(v, "shape")}
+            wrong = [f"{k} {theirs[k]} vs {ours[k]}" for k in ours if k in theirs and theirs[k] != ours[k]]
+            if wrong:
+                raise CheckpointMismatchError(
+                    f"cannot --resume from {self._path}: {len(wrong)} of its tensors have other shapes than the "
+                    f"config's model (checkpoint vs config: {'; '.join(wrong[:3])}); nothing was loaded. Train into "
+                    f"another OUTPUT_DIR, or start from its weights with MODEL.WEIGHTS {self._path} without --resume")
         total = len(self.model.state_dict())
         incompatible = super()._load_model(checkpoint)
         mismatched = {k for k, *_ in incompatible.incorrect_shapes}
@@ -267,6 +372,8 @@ class DiffusionInstCheckpointer(DetectionCheckpointer):
                 f"not saving checkpoint {name}: {len(bad)} model tensors hold NaN/Inf (e.g. {', '.join(bad[:3])}); "
                 "the previous checkpoint is kept. Lower SOLVER.BASE_LR or enable SOLVER.CLIP_GRADIENTS and resume.")
         data = {"model": self.model.state_dict()}
+        if self.architecture is not None:
+            data["architecture"] = dict(self.architecture)
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
@@ -299,15 +406,21 @@ class DiffusionInstCheckpointer(DetectionCheckpointer):
                     pass
 
 
-def load_weights(model: torch.nn.Module, path: str, *, use_ema: bool = False,
-                 source: str = "MODEL.WEIGHTS") -> Dict[str, Any]:
+def load_weights(model: torch.nn.Module, path: str, *, use_ema: bool = False, source: str = "MODEL.WEIGHTS",
+                 allow_pickle: bool = False, require_complete: bool = False) -> Dict[str, Any]:
     """Load ``path`` into ``model`` for inference; with ``use_ema``, its ``model_ema`` weights where it has them.
 
+    With ``require_complete``, an empty ``path`` or a checkpoint that leaves any model tensor missing or of another
+    shape raises :class:`CheckpointMismatchError` (evaluating such a model reports the AP of random weights).
     Returns the checkpoint's other entries. A checkpoint without EMA weights gives a warning and its model weights.
     """
     from .ema import unwrap_model
 
-    checkpointer = DiffusionInstCheckpointer(unwrap_model(model))
+    if require_complete and not path:
+        raise CheckpointMismatchError(
+            f"{source} is empty: there are no weights to evaluate; set MODEL.WEIGHTS to a trained checkpoint "
+            "(or pass --allow-random-weights to run a randomly initialised model on purpose)")
+    checkpointer = DiffusionInstCheckpointer(unwrap_model(model), allow_pickle=allow_pickle)
     extra = checkpointer.load(path, checkpointables=[], source=source)
     if use_ema:
         if "model_ema" in extra:
@@ -316,4 +429,84 @@ def load_weights(model: torch.nn.Module, path: str, *, use_ema: bool = False,
             logger.info("Loaded the EMA weights of %s", path)
         else:
             logger.warning("MODEL_EMA.ENABLED is set but %s holds no EMA weights; using its model weights", path)
+    report = checkpointer.last_load_report
+    if require_complete and report is not None and (report.missing or report.shape_mismatches):
+        lines = report.summary().splitlines()
+        raise CheckpointMismatchError(
+            f"{source}: {lines[0]} {' '.join(line.strip() for line in lines[1:3])} ... Evaluating this model would "
+            "measure random weights; use the checkpoint of this config (or pass --allow-random-weights)")
     return extra
+
+
+# Config keys that fix the model a checkpoint belongs to (recorded in checkpoints, compared on --resume).
+ARCHITECTURE_KEYS = (
+    "MODEL.BACKBONE.NAME", "MODEL.RESNETS.DEPTH", "MODEL.SWIN.SIZE", "MODEL.FPN.OUT_CHANNELS",
+    "MODEL.DiffusionInst.NUM_CLASSES", "MODEL.DiffusionInst.NUM_PROPOSALS", "MODEL.DiffusionInst.HIDDEN_DIM",
+    "MODEL.DiffusionInst.NUM_HEADS", "MODEL.DiffusionInst.FILTER_DENOISING",
+)
+
+
+def architecture(cfg) -> Dict[str, Any]:
+    """The values of :data:`ARCHITECTURE_KEYS` in ``cfg`` (keys it does not have are left out)."""
+    values = {}
+    for key in ARCHITECTURE_KEYS:
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if hasattr(node, "get") else None
+        if node is not None:
+            values[key] = list(node) if isinstance(node, tuple) else node
+    return values
+
+
+def _check_architecture(ours: Optional[Dict[str, Any]], theirs: Optional[Dict[str, Any]], path: str) -> None:
+    """Refuse to resume from a checkpoint recorded with other architecture keys, naming each key and both values."""
+    if not ours or not theirs:
+        return
+    diffs = [f"{k} {theirs[k]!r} (the config has {ours[k]!r})" for k in ARCHITECTURE_KEYS
+             if k in ours and k in theirs and ours[k] != theirs[k]]
+    if diffs:
+        raise CheckpointMismatchError(
+            f"cannot --resume from {path}: it was trained with {', '.join(diffs)}; nothing was loaded. Train into "
+            f"another OUTPUT_DIR, or start from its weights with MODEL.WEIGHTS {path} without --resume")
+
+
+def check_resume(cfg) -> None:
+    """Before a ``--resume`` run writes anything: refuse when the last checkpoint in ``cfg.OUTPUT_DIR`` was trained
+    with other architecture keys (classes, proposals, backbone...), or its classifier has another class count."""
+    checkpointer = DiffusionInstCheckpointer(torch.nn.Module(), cfg.OUTPUT_DIR)
+    if not checkpointer.has_checkpoint():
+        return
+    path = checkpointer.get_checkpoint_file()
+    if not os.path.isfile(path):
+        return  # reported with its own message when the trainer resumes
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001  (unreadable: the trainer's load reports it)
+        return
+    ours = architecture(cfg)
+    _check_architecture(ours, checkpoint.get("architecture"), path)
+    logits = checkpoint.get("model", {}).get("head.head_series.0.class_logits.weight")
+    num_classes = ours.get("MODEL.DiffusionInst.NUM_CLASSES")
+    if logits is not None and num_classes is not None and logits.shape[0] != num_classes:
+        _check_architecture({"MODEL.DiffusionInst.NUM_CLASSES": num_classes},
+                            {"MODEL.DiffusionInst.NUM_CLASSES": int(logits.shape[0])}, path)
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, state: Optional[Dict[str, Any]]) -> None:
+    """Refuse optimizer ``state`` whose tensors do not fit the optimizer's parameters (loading it would make the
+    fused step fail, or worse); called before a resumed trainer loads it."""
+    if not state:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved = [i for group in state.get("param_groups", []) for i in group["params"]]
+    if len(saved) != len(params):
+        raise CheckpointMismatchError(
+            f"cannot --resume: the checkpoint's optimizer holds {len(saved)} parameters, the model of the config "
+            f"{len(params)}; nothing was loaded into the optimizer. Train into another OUTPUT_DIR")
+    for index, param in zip(saved, params):
+        for name, value in state.get("state", {}).get(index, {}).items():
+            if torch.is_tensor(value) and value.dim() and tuple(value.shape) != tuple(param.shape):
+                raise CheckpointMismatchError(
+                    f"cannot --resume: optimizer state {name} of parameter {index} has shape {tuple(value.shape)}, "
+                    f"the parameter {tuple(param.shape)}; nothing was loaded into the optimizer. Train into another "
+                    "OUTPUT_DIR")

@@ -11,6 +11,8 @@ from typing import List, Optional, Sequence
 import yaml
 from detectron2.config import CfgNode as CN
 
+from .errors import UserError
+
 
 def add_diffusioninst_config(cfg: CN) -> None:
     """Add DiffusionInst's keys to a detectron2 config (in place). Original-release key names are kept."""
@@ -98,6 +100,9 @@ def add_diffusioninst_config(cfg: CN) -> None:
     cfg.MODEL_EMA.DECAY = 0.999  # EMA decay per iteration
     cfg.MODEL_EMA.DEVICE = ""  # device of the EMA copy ("" = the model's)
 
+    # Weights files: .pth are read weights-only and .pkl with an unpickler that admits only arrays and containers.
+    cfg.MODEL.WEIGHTS_ALLOW_PICKLE = False  # True: unpickle MODEL.WEIGHTS without restriction (trusted files only)
+
     # Optimizer.
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # ADAMW or SGD
     cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0  # backbone lr = BASE_LR * this
@@ -133,19 +138,16 @@ def add_diffusioninst_config(cfg: CN) -> None:
 # Reading configs with messages that say what to fix.
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override the project cannot use; the message names the key and what to change."""
 
 
-class ConfigFileNotFoundError(FileNotFoundError):
+class ConfigFileNotFoundError(UserError, FileNotFoundError):
     """The --config-file, or a file it inherits with _BASE_, does not exist."""
 
 
 class UnknownConfigKeyError(ConfigError, KeyError):
     """A key no one defines (still a KeyError, as detectron2 raises for unknown keys)."""
-
-    def __str__(self) -> str:  # KeyError would print the repr of the message
-        return str(self.args[0]) if self.args else ""
 
 
 def config_keys(cfg: CN, prefix: str = "") -> List[str]:
@@ -257,6 +259,8 @@ def merge_config(cfg: CN, config_file: Optional[str] = None, opts: Sequence = ()
 
 
 def _merge_file(cfg: CN, config_file: str) -> None:
+    if os.path.isdir(config_file):
+        raise ConfigFileNotFoundError(f"config file {config_file!r} is a directory, not a YAML file (--config-file)")
     if not os.path.isfile(config_file):
         folder = os.path.dirname(config_file) or "."
         near = []
@@ -293,6 +297,12 @@ def _merge_file(cfg: CN, config_file: str) -> None:
 
 
 def _merge_opts(cfg: CN, opts: List[str]) -> None:
+    flags = [o for o in opts if o.startswith("--")]
+    if flags:
+        raise ConfigError(
+            f"{flags[0]} comes after the KEY VALUE overrides, where it would be read as one; flags come first: "
+            f"--config-file FILE {flags[0]} ... KEY VALUE ..."
+        )
     if len(opts) % 2:
         raise ConfigError(
             f"command-line overrides must be KEY VALUE pairs; {opts[-1]!r} has no value (got {len(opts)} items)"
@@ -361,6 +371,10 @@ def check_config(cfg: CN) -> None:
     elif cfg.SOLVER.AMP.ENABLED and cfg.SOLVER.AMP.DTYPE == "float16" and not device.startswith("cuda"):
         problems.append(f"SOLVER.AMP.ENABLED with float16 needs a GPU (MODEL.DEVICE is {device!r}); set it to "
                         "False, or SOLVER.AMP.DTYPE bfloat16")
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        problems.append(f"MODEL.DEVICE {device!r} is not a device PyTorch knows; use cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"MODEL.DEVICE is {device!r} but PyTorch sees no CUDA GPU; set MODEL.DEVICE cpu")
     for key, value, low in (("SOLVER.IMS_PER_BATCH", cfg.SOLVER.IMS_PER_BATCH, 1),
@@ -375,5 +389,7 @@ def check_config(cfg: CN) -> None:
         problems.append(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got {cfg.SOLVER.OPTIMIZER!r}")
     if cfg.MODEL_EMA.ENABLED and not 0.0 <= cfg.MODEL_EMA.DECAY < 1.0:
         problems.append(f"MODEL_EMA.DECAY must be in [0, 1), got {cfg.MODEL_EMA.DECAY}")
+    if cfg.OUTPUT_DIR and os.path.exists(cfg.OUTPUT_DIR) and not os.path.isdir(cfg.OUTPUT_DIR):
+        problems.append(f"OUTPUT_DIR {cfg.OUTPUT_DIR} is a file, not a directory; choose another OUTPUT_DIR")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

@@ -15,6 +15,8 @@ from detectron2.engine import hooks
 from detectron2.utils import comm
 from torch import nn
 
+from .errors import UserError
+
 __all__ = [
     "EvalHook",
     "amp_grad_scaler",
@@ -28,7 +30,7 @@ __all__ = [
 ]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """A loss term became NaN or Inf; raised before the backward pass, so the weights are still the last good ones."""
 
     def __init__(self, iteration: Optional[int], bad: Mapping[str, float], finite: Mapping[str, float],

@@ -34,6 +34,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
+from .errors import UserError
+
 __all__ = [
     "ConvertedWeights",
     "WeightsFormatError",
@@ -70,7 +72,7 @@ _RESNET_DEPTHS = {
 _SWIN_BLOCK = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.")
 
 
-class WeightsFormatError(ValueError):
+class WeightsFormatError(UserError, ValueError):
     """A checkpoint is not in a format this module converts (or is already a detectron2 checkpoint)."""
 
 
@@ -348,8 +350,9 @@ def convert_pretrained(
 def load_weights_file(path: str, allow_pickle: bool = False) -> Dict[str, Any]:
     """Read a checkpoint: ``.safetensors``, ``.pkl`` (pickle, as detectron2 reads them) or a ``torch.save`` file.
 
-    ``torch.save`` files are read with ``weights_only=True`` (tensors and plain containers only) unless
-    ``allow_pickle`` is set, because unpickling an untrusted file can run arbitrary code.
+    ``torch.save`` files are read with ``weights_only=True`` (tensors and plain containers only) and ``.pkl`` files
+    with an unpickler that admits only arrays and containers, unless ``allow_pickle`` is set, because unpickling an
+    untrusted file can run arbitrary code.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Checkpoint file not found: {path}")
@@ -358,14 +361,21 @@ def load_weights_file(path: str, allow_pickle: bool = False) -> Dict[str, Any]:
 
         return dict(load_file(path))
     if path.endswith(".pkl"):
-        with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+        from .checkpoint import load_pickled_weights
+
+        loaded = load_pickled_weights(path, allow_pickle=allow_pickle)
+        if not isinstance(loaded, Mapping):
+            raise WeightsFormatError(f"{path}: holds a {type(loaded).__name__}, not a dict of weights.")
+        return dict(loaded)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as e:
+        from .checkpoint import refused_object
+
+        what = f"the object {refused_object(e)}" if refused_object(e) else "objects other than tensors"
         raise WeightsFormatError(
-            f"{path}: holds objects other than tensors; if you trust the file, allow full unpickling "
-            f"(--allow-pickle). Details: {str(e).splitlines()[0]}"
+            f"{path}: holds {what}, not only weights; it was not loaded, since unpickling it could run code. If you "
+            "trust the file, allow full unpickling (--allow-pickle)"
         ) from None
     except Exception as e:  # noqa: BLE001  (torch raises several types for non-checkpoint files)
         raise WeightsFormatError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}).") from None

@@ -25,7 +25,7 @@ def run_demo(*args: str) -> int:
     """tools/demo.py's main() on the tiny shapes config, seeded."""
     torch.manual_seed(0)
     argv = ["--config-file", str(CONFIGS / "diffinst.shapes.res18.cpu.yaml"), *args]
-    return demo.main([*argv, "--confidence-threshold", "0", "--opts", *OPTS])
+    return demo.main([*argv, "--confidence-threshold", "0", "--allow-random-weights", "--opts", *OPTS])
 
 
 @pytest.fixture(scope="module")
@@ -105,18 +105,26 @@ def test_video(tmp_path, capsys):
     assert "5 frames" in capsys.readouterr().out
 
 
-def test_video_refuses_to_overwrite_its_input(tmp_path):
+def test_video_refuses_to_overwrite_its_input(tmp_path, capsys):
     source = tmp_path / "clip.mp4"
     source.write_bytes(b"placeholder")
-    with pytest.raises(SystemExit, match="overwrite"):
-        run_demo("--video-input", str(source), "--output", str(source))
+    assert run_demo("--video-input", str(source), "--output", str(source)) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("demo.py: error: refusing to overwrite the input")
     assert source.read_bytes() == b"placeholder"
 
 
-def test_webcam_without_display_needs_output(monkeypatch):
+def test_webcam_without_display_needs_output(monkeypatch, capsys):
     monkeypatch.setattr(demo, "has_display", lambda: False)
-    with pytest.raises(SystemExit, match="--output"):
-        run_demo("--webcam")
+    assert run_demo("--webcam") == 1
+    assert "demo.py: error: no display available" in capsys.readouterr().err
+
+
+def test_output_that_is_a_file_is_named(image_dir, tmp_path, capsys):
+    taken = tmp_path / "results"
+    taken.write_text("not a folder")
+    assert run_demo("--input", image_dir, "--output", str(taken)) == 1
+    assert f"demo.py: error: --output {taken} is a file, not a folder" in capsys.readouterr().err
+    assert taken.read_text() == "not a folder"
 
 
 def test_exactly_one_source():

@@ -153,4 +153,4 @@ def test_command_lines_exit_with_the_message_and_no_traceback(tmp_path):
     proc = _cli("demo.py", "--config-file", SHAPES, "--input", str(image), "--output", str(tmp_path / "o"),
                 "--opts", "MODEL.DiffusionInst.SAMPLE_STEP", "0", *map(str, TINY_OPTS))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "[demo] error: invalid config:" in proc.stderr and "SAMPLE_STEP must be at least 1" in proc.stderr
+    assert "demo.py: error: invalid config:" in proc.stderr and "SAMPLE_STEP must be at least 1" in proc.stderr

@@ -528,3 +528,62 @@ def test_tiny_empty_and_extreme_images_train_and_infer(tmp_path):
         assert instances.image_size == (h, w)
         assert instances.pred_masks.shape[1:] == (h, w)
         assert torch.isfinite(instances.pred_boxes.tensor).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What training will actually use, checked before the first iteration
+
+
+def test_a_training_set_of_crowd_regions_only_is_refused(tmp_path, registry):
+    coco = _dataset(tmp_path, name="crowd")
+    for ann in coco["annotations"]:
+        ann["iscrowd"] = 1
+    registry(tmp_path, train={"crowd": coco})
+    with pytest.raises(DatasetValidationError, match=r"no usable instance annotation: all 3 are crowd regions"):
+        DatasetCatalog.get("rel_crowd")
+
+
+def test_crowd_regions_do_not_count_as_instances_in_other_loaders(tmp_path, log):
+    from diffusioninst.data import validate_records
+    from diffusioninst.data.validation import ValidationOptions
+
+    path = _draw(tmp_path / "a.png")
+    record = _record(path)
+    record["annotations"][0]["iscrowd"] = 1
+    with pytest.raises(DatasetValidationError, match="crowd regions are not instances"):
+        validate_records([record], "crowd_records", ValidationOptions(num_classes=4))
+
+
+@pytest.mark.parametrize("problem, pattern", [
+    ("corrupt", r"image .*002\.png is not a readable image"),
+    ("size", r"image .*002\.png is 64x48 pixels but the dataset declares width 80, height 48"),
+])
+def test_a_bad_validation_image_stops_training_before_it_starts(tmp_path, registry, problem, pattern):
+    """Loading the training set also checks the test sets' image headers: a corrupt or mis-sized val image is named
+    before the first iteration, not after the whole training."""
+    val = _dataset(tmp_path, name="hval")
+    if problem == "corrupt":
+        (tmp_path / "hval" / "002.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    else:
+        val["images"][1]["width"] = 80
+    registry(tmp_path, {"htrain": _dataset(tmp_path, name="htrain")}, {"hval": val})
+    with pytest.raises(DatasetValidationError, match=pattern):
+        DatasetCatalog.get("rel_htrain")
+
+
+def test_bad_image_headers_are_dropped_with_the_switch(tmp_path, registry, log):
+    coco = _dataset(tmp_path, n=3, name="hskip")
+    (tmp_path / "hskip" / "003.png").write_text("not an image")
+    registry(tmp_path, {"hskip": coco}, None, "DATASETS.SKIP_INVALID", True)
+    records = DatasetCatalog.get("rel_hskip")
+    assert [os.path.basename(r["file_name"]) for r in records] == ["001.png", "002.png"]
+    assert "003.png is not a readable image" in _messages(log)
+
+
+def test_exif_rotated_headers_match_their_declared_size(tmp_path, registry):
+    coco = _dataset(tmp_path, n=1, name="hexif")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 48x64, shown (and declared) 64x48
+    _draw(tmp_path / "hexif" / "001.png", size=(H, W), rect=(4, 4, 20, 30), exif=exif)
+    registry(tmp_path, {"hexif": coco})
+    assert len(DatasetCatalog.get("rel_hexif")) == 1

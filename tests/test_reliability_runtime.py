@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from conftest import CONFIGS, ROOT, TINY_OPTS
-from detectron2.engine import default_argument_parser
 from diffusioninst.engine import NonFiniteLossError
 
 CONFIG = str(CONFIGS / "diffinst.shapes.res18.cpu.yaml")
@@ -42,7 +41,7 @@ def make_cfg(shapes_root, monkeypatch):
     monkeypatch.setenv("DETECTRON2_DATASETS", shapes_root)
 
     def make(output_dir, *opts, flags=()):
-        args = default_argument_parser().parse_args(command(output_dir, *opts, flags=flags)[2:])
+        args = train_net.get_parser().parse_args(command(output_dir, *opts, flags=flags)[2:])
         return train_net.setup(args), args
 
     return make

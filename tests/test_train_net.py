@@ -12,7 +12,6 @@ import time
 import torch
 
 from conftest import CONFIGS, ROOT, TINY_OPTS
-from detectron2.engine import default_argument_parser
 
 CONFIG = str(CONFIGS / "diffinst.shapes.res18.cpu.yaml")
 TRAIN_NET = str(ROOT / "tools" / "train_net.py")
@@ -81,7 +80,7 @@ def test_kill_then_resume_restores_state_and_finishes(tmp_path, shapes_root, mon
 
     # In process: --resume restores model, optimizer, scheduler, EMA and iteration from the last checkpoint.
     monkeypatch.setenv("DETECTRON2_DATASETS", shapes_root)
-    cfg = train_net.setup(default_argument_parser().parse_args(command(out, *opts)[2:]))
+    cfg = train_net.setup(train_net.get_parser().parse_args(command(out, *opts)[2:]))
     trainer = train_net.Trainer(cfg)
     trainer.resume_or_load(resume=True)
     assert trainer.start_iter == saved["iteration"] + 1

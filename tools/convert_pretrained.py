@@ -19,7 +19,8 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import diffusioninst  # noqa: E402,F401  (compat shims and registrations come first)
-from diffusioninst.weights import FORMATS, WeightsFormatError, convert_file  # noqa: E402
+from diffusioninst.errors import UserError, run_tool  # noqa: E402
+from diffusioninst.weights import FORMATS, convert_file  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,8 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--allow-pickle",
         action="store_true",
-        help="read torch.save files that hold more than tensors (full unpickling: trusted files only)",
+        help="read .pth/.pkl files that hold more than weights (full unpickling, which can run code: trusted "
+        "files only)",
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of user errors")
     return parser.parse_args(argv)
 
 
@@ -51,8 +54,8 @@ def _shell_value(value: Any) -> str:
     return shlex.quote(str(value))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Convert INPUT to OUTPUT and print what was done; exit status 1 with a message on bad input."""
+def run(argv: list[str] | None = None) -> int:
+    """Convert INPUT to OUTPUT and print what was done; bad input raises a UserError (one line, exit status 1)."""
     args = parse_args(argv)
     try:
         converted = convert_file(
@@ -62,9 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             keep_final_norm=args.keep_final_norm,
             allow_pickle=args.allow_pickle,
         )
-    except (FileNotFoundError, WeightsFormatError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from e
     print(
         f"Converted {args.input} ({converted.source_format}): {len(converted.model)} tensors written to "
         f"{args.output}, {len(converted.dropped)} dropped."
@@ -73,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         options = " ".join(f"{key} {_shell_value(value)}" for key, value in converted.config.items())
         print(f"Use with: MODEL.WEIGHTS {args.output} {options}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: ``run`` with user errors reported in one line (exit status 1)."""
+    return run_tool(run, argv, "convert_pretrained.py")
 
 
 if __name__ == "__main__":

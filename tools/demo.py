@@ -5,7 +5,8 @@
   tools/demo.py --config-file CFG --video-input VIDEO --output DIR_OR_FILE.mp4
   tools/demo.py --config-file CFG --webcam [--output DIR_OR_FILE.mp4]
 
-Unreadable inputs are reported and skipped; the exit status is 1 if any input could not be processed.
+Unreadable inputs are reported and skipped; the exit status is 1 if any input could not be processed. Mistakes in
+the command line (config, weights, --output) stop it with one line (exit status 1; --debug shows the traceback).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from diffusioninst import (  # noqa: E402
     add_diffusioninst_config, check_config, configure_allocator, load_weights, merge_config,
 )
 from diffusioninst.data import register_datasets_from_cfg  # noqa: E402
+from diffusioninst.errors import UserError, run_tool  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".m4v")
@@ -50,6 +52,9 @@ def get_parser() -> argparse.ArgumentParser:
     source.add_argument("--webcam", action="store_true", help="camera 0")
     parser.add_argument("--output", help="output folder, or a file name (image: one input; video: the video file)")
     parser.add_argument("--confidence-threshold", type=float, default=0.5)
+    parser.add_argument("--allow-random-weights", action="store_true",
+                        help="run even with MODEL.WEIGHTS empty or not matching the model (random predictions)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of user errors")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs")
     return parser
 
@@ -89,7 +94,9 @@ def image_output_paths(paths: list[str], output: str) -> list[str | None]:
     """
     single = os.path.splitext(output)[1].lower() in IMAGE_EXTENSIONS
     if single and len(paths) > 1:
-        raise SystemExit(f"[demo] --output {output} is a file name but there are {len(paths)} inputs; give a folder")
+        raise UserError(f"--output {output} is a file name but there are {len(paths)} inputs; give a folder")
+    if not single and os.path.isfile(output):
+        raise UserError(f"--output {output} is a file, not a folder; give a folder (or an image file name for one input)")
     taken = {file_key(p) for p in paths}  # inputs, then outputs already assigned
     outs: list[str | None] = []
     for path in paths:
@@ -110,7 +117,7 @@ def video_output_path(output: str, source: str) -> str:
     else:
         out = os.path.join(output, os.path.splitext(os.path.basename(source))[0] + ".mp4")
     if file_key(out) == file_key(source):
-        raise SystemExit(f"[demo] refusing to overwrite the input {source}; choose another --output")
+        raise UserError(f"refusing to overwrite the input {source}; choose another --output")
     return out
 
 
@@ -134,9 +141,10 @@ def build_predictor(args: argparse.Namespace) -> tuple[DefaultPredictor, Metadat
     cfg.freeze()
     configure_allocator(cfg)
     predictor = DefaultPredictor(cfg)
-    if not weights:
-        report("MODEL.WEIGHTS is empty: the model is randomly initialised")
-    load_weights(predictor.model, weights, use_ema=cfg.MODEL_EMA.ENABLED)
+    if not weights and args.allow_random_weights:
+        report("MODEL.WEIGHTS is empty: the model is randomly initialised (--allow-random-weights)")
+    load_weights(predictor.model, weights, use_ema=cfg.MODEL_EMA.ENABLED, allow_pickle=cfg.MODEL.WEIGHTS_ALLOW_PICKLE,
+                 require_complete=not args.allow_random_weights)
     return predictor, MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
 
 
@@ -179,11 +187,11 @@ def run_images(args: argparse.Namespace) -> int:
 
 
 def open_writer(path: str, fps: float, size: tuple[int, int]) -> cv2.VideoWriter:
-    """A video writer for ``path`` (folder created), or SystemExit if OpenCV cannot open it."""
+    """A video writer for ``path`` (folder created); a UserError if OpenCV cannot open it."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*VIDEO_FOURCC), fps, size)
     if not writer.isOpened():
-        raise SystemExit(f"[demo] cannot open a {VIDEO_FOURCC} video writer for {path}")
+        raise UserError(f"cannot open a {VIDEO_FOURCC} video writer for {path}")
     return writer
 
 
@@ -226,18 +234,18 @@ def run_stream(args: argparse.Namespace, capture: cv2.VideoCapture, name: str, o
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
+def run(argv: list[str] | None = None) -> int:
+    """The demo; returns the exit status (user errors raise)."""
     args = get_parser().parse_args(argv)
     setup_logger(name="diffusioninst")
     if args.input is not None:
         if not args.output:
-            raise SystemExit("[demo] --output is required with --input")
+            raise UserError("--output is required with --input")
         return 1 if run_images(args) else 0
     name = args.video_input if args.video_input is not None else "webcam"
     show = has_display() and (args.webcam or not args.output)
     if not show and not args.output:
-        raise SystemExit("[demo] no display available (e.g. opencv-python-headless): give --output to write a video")
+        raise UserError("no display available (e.g. opencv-python-headless): give --output to write a video")
     out = video_output_path(args.output, name) if args.output else None
     capture = cv2.VideoCapture(args.video_input if args.video_input is not None else 0)
     if not capture.isOpened():
@@ -246,12 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     return run_stream(args, capture, name, out, show)
 
 
-if __name__ == "__main__":
-    from diffusioninst.checkpoint import CheckpointNotFoundError, CorruptCheckpointError
-    from diffusioninst.config import ConfigError, ConfigFileNotFoundError
+def main(argv: list[str] | None = None) -> int:
+    """The command line: ``run`` without autograd, user errors reported in one line (exit status 1)."""
+    with torch.no_grad():
+        return run_tool(run, argv, "demo.py")
 
-    try:
-        with torch.no_grad():
-            sys.exit(main())
-    except (ConfigError, ConfigFileNotFoundError, CheckpointNotFoundError, CorruptCheckpointError) as exc:
-        sys.exit(f"[demo] error: {exc}")
+
+if __name__ == "__main__":
+    sys.exit(main())

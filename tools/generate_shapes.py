@@ -12,6 +12,7 @@ import os
 import sys
 
 from diffusioninst.data.shapes import generate_shapes_dataset
+from diffusioninst.errors import UserError, run_tool
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,12 +29,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=defaults["image_size"], help="image side, pixels")
     parser.add_argument("--seed", type=int, default=defaults["seed"], help="same seed, same bytes")
     parser.add_argument("--force", action="store_true", help="regenerate and replace an existing dataset")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of user errors")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> int:
     """Generate the dataset and print where it is; exit status 1 if a different one is already there."""
     args = parse_args(argv)
+    root = os.path.expanduser(args.root)
+    for path in (root, os.path.join(root, "shapes")):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UserError(f"--root: {path} is a file, not a directory; choose another --root")
     try:
         path = generate_shapes_dataset(
             os.path.expanduser(args.root),
@@ -48,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"Shapes dataset ({args.num_train} train / {args.num_val} val images) at {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: ``run`` with user errors reported in one line (exit status 1)."""
+    return run_tool(run, argv, "generate_shapes.py")
 
 
 if __name__ == "__main__":

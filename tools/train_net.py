@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Train or evaluate DiffusionInst: ``tools/train_net.py --config-file CFG [--eval-only] [--resume] [KEY VALUE ...]``.
 
-Config mistakes, missing or corrupt checkpoints stop the run with a message that names what to fix. Checkpoints
+Config mistakes, bad data, missing, corrupt, unsafe or mismatched checkpoints stop the run with one line that names
+what to fix (``--debug`` shows the traceback). Checkpoints
 are written atomically; a NaN/Inf loss stops training before anything of that state is saved; CUDA
 out-of-memory errors say which keys reduce memory; every finished evaluation is kept in
 ``OUTPUT_DIR/inference/<dataset>/results.json`` (and ``results_history.jsonl``).
@@ -28,9 +29,12 @@ from diffusioninst import (  # noqa: E402
     DiffusionInstDatasetMapper, add_diffusioninst_config, build_optimizer, configure_allocator,
 )
 from diffusioninst.checkpoint import (  # noqa: E402
-    CheckpointNotFoundError, CorruptCheckpointError, DiffusionInstCheckpointer, load_weights,
+    DiffusionInstCheckpointer, architecture, check_optimizer_state, check_resume, load_weights,
 )
-from diffusioninst.config import ConfigError, ConfigFileNotFoundError, check_config, merge_config  # noqa: E402
+from diffusioninst.config import check_config, merge_config  # noqa: E402
+from diffusioninst.errors import (  # noqa: E402
+    USER_ERROR_EXIT, HideUserErrorTracebacks, UserError, debug_requested, report_user_error, run_tool,
+)
 from diffusioninst.data import register_datasets_from_cfg  # noqa: E402
 from diffusioninst.ema import EMAHook, ModelEMA, unwrap_model  # noqa: E402
 from diffusioninst.evaluation import LVISEvaluator  # noqa: E402
@@ -100,6 +104,8 @@ class Trainer(DefaultTrainer):
         return ret
 
     def load_state_dict(self, state_dict):
+        if "_trainer" in state_dict:
+            check_optimizer_state(self.optimizer, state_dict["_trainer"].get("optimizer"))
         super().load_state_dict(state_dict)
         if "_trainer" in state_dict:  # idempotent where detectron2 already restored it
             self._trainer.load_state_dict(state_dict["_trainer"])
@@ -110,8 +116,9 @@ class Trainer(DefaultTrainer):
         DefaultTrainer.__init__ calls this right after creating its DetectionCheckpointer; it is replaced here by
         the atomic DiffusionInstCheckpointer before the checkpoint hook is built from it.
         """
-        self.checkpointer = DiffusionInstCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR,
-                                                      trainer=weakref.proxy(self))
+        self.checkpointer = DiffusionInstCheckpointer(
+            self._trainer.model, self.cfg.OUTPUT_DIR, allow_pickle=self.cfg.MODEL.WEIGHTS_ALLOW_PICKLE,
+            architecture=architecture(self.cfg), trainer=weakref.proxy(self))
         ret = super().build_hooks()
         self.model_ema = None
         if self.cfg.MODEL_EMA.ENABLED:
@@ -164,10 +171,13 @@ def build_config(args):
 
 def setup(args):
     cfg = build_config(args)
+    if args.resume and not args.eval_only:
+        check_resume(cfg)  # before anything in OUTPUT_DIR (config.yaml, logs) is written
     register_datasets_from_cfg(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="diffusioninst")
+    logging.getLogger("detectron2.engine.train_loop").addFilter(HideUserErrorTracebacks())
     configure_allocator(cfg)
     return cfg
 
@@ -180,7 +190,8 @@ def evaluate(cfg, args):
         path, source = checkpointer.get_checkpoint_file(), "the last checkpoint (--eval-only --resume)"
     else:
         path, source = cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS"
-    load_weights(model, path, use_ema=cfg.MODEL_EMA.ENABLED, source=source)
+    load_weights(model, path, use_ema=cfg.MODEL_EMA.ENABLED, source=source,
+                 allow_pickle=cfg.MODEL.WEIGHTS_ALLOW_PICKLE, require_complete=not args.allow_random_weights)
     res = Trainer.test(cfg, model, weights=path, ema=cfg.MODEL_EMA.ENABLED)
     if cfg.TEST.AUG.ENABLED:
         res.update(Trainer.test_with_TTA(cfg, model, weights=path, ema=cfg.MODEL_EMA.ENABLED))
@@ -200,12 +211,37 @@ def main(args):
     return trainer.train()
 
 
-if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    print("Command Line Args:", args)
+def worker(args):
+    """main() in each launched process; with several processes, a user error is reported by the process itself."""
     try:
-        build_config(args)  # config mistakes are reported here, once, before any process is started
-        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+        return main(args)
+    except UserError as exc:
+        if comm.get_world_size() == 1 or debug_requested(sys.argv):
+            raise
+        if comm.is_main_process():
+            report_user_error(exc, "train_net.py")
+        sys.exit(USER_ERROR_EXIT)
+
+
+def get_parser():
+    parser = default_argument_parser()
+    parser.add_argument("--allow-random-weights", action="store_true",
+                        help="--eval-only: evaluate even with MODEL.WEIGHTS empty or not matching the model")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of user errors")
+    return parser
+
+
+def cli(argv):
+    args = get_parser().parse_args(argv)
+    print("Command Line Args:", args)
+    build_config(args)  # config mistakes are reported here, once, before any process is started
+    try:
+        launch(worker, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,))
-    except (ConfigError, ConfigFileNotFoundError, CheckpointNotFoundError, CorruptCheckpointError) as exc:
-        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {exc}")
+    except torch.multiprocessing.ProcessExitedException as exc:  # a worker reported its error and exited
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(cli, prog="train_net.py"))

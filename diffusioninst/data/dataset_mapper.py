@@ -17,6 +17,8 @@ from detectron2.data import transforms as T
 from detectron2.structures import BitMasks
 from detectron2.utils.file_io import PathManager
 
+from ..errors import UserError
+
 __all__ = ["DiffusionInstDatasetMapper", "ImageReadError", "build_diffusioninst_augmentation", "read_image"]
 
 logger = logging.getLogger(__name__)
@@ -24,7 +26,7 @@ logger = logging.getLogger(__name__)
 _HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
-class ImageReadError(OSError):
+class ImageReadError(UserError, OSError):
     """An image file that cannot be decoded (missing, corrupt, truncated, not an image); names the file."""
 
 

@@ -13,7 +13,10 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json, load_lvis_json, register_coco_instances
 
 from .shapes import SHAPES_CATEGORIES, generate_shapes_dataset, shapes_dataset_paths, shapes_lvis_paths, write_shapes_lvis
-from .validation import COCO_SOURCE, DatasetValidationError, check_categories, install_validating_loaders, read_json
+from ..config import ConfigError
+from .validation import (
+    COCO_SOURCE, DatasetFileNotFoundError, DatasetValidationError, check_categories, install_validating_loaders, read_json,
+)
 
 __all__ = [
     "SHAPES_LVIS_SPLITS",
@@ -151,7 +154,7 @@ def _parse_entry(key: str, index: int, entry: Any) -> tuple[str, str, str]:
         or len(entry) != 3
         or not all(isinstance(x, str) and x for x in entry)
     ):
-        raise ValueError(
+        raise ConfigError(
             f"{key}[{index}] must be a (name, json_file, image_root) triple of non-empty strings, got {entry!r}"
         )
     name, json_file, image_root = entry
@@ -163,7 +166,7 @@ def _declared_datasets(cfg, key: str, declared: dict[str, tuple[str, str]]) -> l
     names to register and records every entry in ``declared``."""
     entries = cfg.DATASETS.get(key.split(".", 1)[1], ())
     if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
-        raise ValueError(f"{key} must be a sequence of (name, json_file, image_root), got {entries!r}")
+        raise ConfigError(f"{key} must be a sequence of (name, json_file, image_root), got {entries!r}")
     to_register = []
     for index, entry in enumerate(entries):
         name, json_file, image_root = _parse_entry(key, index, entry)
@@ -181,18 +184,18 @@ def _declared_datasets(cfg, key: str, declared: dict[str, tuple[str, str]]) -> l
             ):
                 declared[name] = (json_file, image_root)
                 continue
-            raise ValueError(
+            raise ConfigError(
                 f"{key}[{index}] {tuple(entry)!r}: dataset {name!r} is already registered with "
                 f"json_file={old_json!r}, image_root={old_root!r}; choose another name"
             )
         if not os.path.isfile(json_file):
             what = "is a directory, not a file" if os.path.isdir(json_file) else "not found"
-            raise FileNotFoundError(
+            raise DatasetFileNotFoundError(
                 f"{key}[{index}]: json file of dataset {name!r} {what}: {json_file}{_relative_note(json_file)}"
             )
         if not os.path.isdir(image_root):
             what = "is a file, not a directory" if os.path.isfile(image_root) else "not found"
-            raise FileNotFoundError(
+            raise DatasetFileNotFoundError(
                 f"{key}[{index}]: image directory of dataset {name!r} {what}: {image_root}"
                 f"{_relative_note(image_root)}"
             )

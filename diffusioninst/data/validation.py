@@ -40,17 +40,22 @@ import os
 import random
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import pycocotools.mask as mask_util
+from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
+from ..errors import UserError
+
 __all__ = [
+    "DatasetFileNotFoundError",
     "DatasetValidationError",
     "ValidationOptions",
     "install_validating_loaders",
@@ -65,10 +70,15 @@ SKIP_KEY = "DATASETS.SKIP_INVALID"
 CHECK_FILES_KEY = "DATASETS.CHECK_IMAGE_FILES"
 NUM_CLASSES_KEY = "MODEL.DiffusionInst.NUM_CLASSES"
 _SKIP_HINT = f"or set {SKIP_KEY} True to drop them with a warning"
+_EXIF_ORIENTATION = 0x0112
 
 
-class DatasetValidationError(ValueError):
+class DatasetValidationError(UserError, ValueError):
     """A dataset cannot be used as it is; the message names the dataset, the file and the entry at fault."""
+
+
+class DatasetFileNotFoundError(UserError, FileNotFoundError):
+    """An annotation file or the image files of a dataset are not where the dataset says."""
 
 
 @dataclass(frozen=True)
@@ -188,6 +198,46 @@ def _clean_segmentation(segm: Any, height: Any, width: Any) -> tuple[Any, list[s
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Image files
+
+
+def _header_problem(path: str, height: Any, width: Any) -> str | None:
+    """Why an image file cannot be used, from its header alone, or None: unreadable, or another size than declared
+    (after EXIF orientation, as the mapper reads it)."""
+    try:
+        with Image.open(path) as image:
+            w, h = image.size
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception as exc:  # noqa: BLE001  (PIL raises many types for files that are not images)
+        return f"is not a readable image ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+    if orientation in (5, 6, 7, 8):  # rotated by 90 degrees when read
+        w, h = h, w
+    if _is_number(height) and _is_number(width) and (h, w) != (int(height), int(width)):
+        return f"is {w}x{h} pixels but the dataset declares width {width}, height {height}"
+    return None
+
+
+def _bad_image_headers(entries: list[tuple[str, Any, Any]], where: str, options: ValidationOptions,
+                       problems: _Problems) -> set[str]:
+    """Check the headers of ``(path, height, width)`` image files (a few threads: this is I/O); return the paths
+    to drop (with DATASETS.SKIP_INVALID, with a warning each), or raise naming the first bad file."""
+    if not options.check_image_files or not entries:
+        return set()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        found = [(path, why) for (path, _, _), why in zip(entries, pool.map(lambda e: _header_problem(*e), entries))
+                 if why is not None]
+    if found and not options.skip_invalid:
+        path, why = found[0]
+        more = f" ({len(found)} images in all)" if len(found) > 1 else ""
+        raise DatasetValidationError(
+            f"{where}: image {path} {why}{more}; replace it or remove it from the dataset, {_SKIP_HINT} "
+            f"(or {CHECK_FILES_KEY} False to skip these checks)")
+    for path, why in found:
+        problems.warn("unreadable images", f"image {path} {why}; image dropped")
+    return {path for path, _ in found}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # COCO json
 
 
@@ -199,7 +249,8 @@ def read_json(json_file: str, where: str) -> dict:
             f" (relative to the working directory {os.getcwd()}; detectron2's builtin datasets are looked up under "
             "$DETECTRON2_DATASETS, default ./datasets)"
         )
-        raise FileNotFoundError(f"{where}: annotation file not found: {json_file}{note}")
+        what = "is a directory, not a file" if os.path.isdir(local) else "not found"
+        raise DatasetFileNotFoundError(f"{where}: annotation file {what}: {json_file}{note}")
     if os.path.getsize(local) == 0:
         raise DatasetValidationError(f"{where}: the annotation file is empty (0 bytes); was it written completely?")
     try:
@@ -318,12 +369,12 @@ def load_coco_instances(
         if missing:
             examples = ", ".join(os.path.join(image_root, img["file_name"]) for img in missing[:3])
             if len(missing) == len(images):
-                raise FileNotFoundError(
+                raise DatasetFileNotFoundError(
                     f"{where}: none of the {len(images)} images it lists is under image_root {image_root} "
                     f"(e.g. {examples}); is image_root right?"
                 )
             if not options.skip_invalid:
-                raise FileNotFoundError(
+                raise DatasetFileNotFoundError(
                     f"{where}: {len(missing)} of the {len(images)} images it lists are missing on disk, e.g. "
                     f"{examples}; restore them or remove them from the file, {_SKIP_HINT} "
                     f"(or {CHECK_FILES_KEY} False to skip this check)"
@@ -332,6 +383,11 @@ def load_coco_instances(
                 dropped_images.add(img["id"])
                 problems.warn("missing images", f"image file {os.path.join(image_root, img['file_name'])} "
                               f"(image id {img['id']!r}) is missing; image dropped")
+        present = [img for img in images if img["id"] not in dropped_images]
+        paths = {os.path.join(image_root, img["file_name"]): img["id"] for img in present}
+        bad = _bad_image_headers([(os.path.join(image_root, img["file_name"]), img["height"], img["width"])
+                                  for img in present], where, options, problems)
+        dropped_images.update(paths[path] for path in bad)
 
     # Annotations: structure, references, geometry.
     check_unique = "minival" not in json_file  # detectron2's exemption: COCO 2014 minival repeats annotation ids
@@ -405,11 +461,14 @@ def load_coco_instances(
             if obj is not None:
                 objs.append(obj)
         record["annotations"] = objs
-        num_kept += len(objs)
+        num_kept += sum(not obj.get("iscrowd", 0) for obj in objs)  # crowd regions are not instances
         records.append(record)
     problems.summary()
     if options.is_train and num_kept == 0:
-        detail = f"all {len(annotations)} were dropped (see the warnings above)" if annotations else "it has none"
+        crowd = sum(bool(a.get("iscrowd", 0)) for a in annotations if isinstance(a, dict))
+        detail = (f"all {len(annotations)} are crowd regions (iscrowd 1), which are ignored in training, not trained on"
+                  if annotations and crowd == len(annotations) else
+                  f"all {len(annotations)} were dropped (see the warnings above)" if annotations else "it has none")
         raise DatasetValidationError(f"{where}: no usable instance annotation: {detail}")
     logger.info("%s: %d images, %d annotations checked in %.1f s", where, len(records), num_kept,
                 time.perf_counter() - start)
@@ -496,22 +555,27 @@ def validate_records(records: Any, dataset_name: str, options: ValidationOptions
             for problem in polygon_problems:
                 problems.warn("invalid polygons", f"{label}: {problem}; polygon dropped")
             kept.append({**obj, "segmentation": segm} if polygon_problems else obj)
-        num_kept += len(kept)
+        num_kept += sum(not obj.get("iscrowd", 0) for obj in kept)  # crowd regions are not instances
         out.append(record if len(kept) == len(annotations) else {**record, "annotations": kept})
     if missing:
         examples = ", ".join(missing[:3])
         if len(missing) == len(records):
-            raise FileNotFoundError(f"{where}: none of its {len(records)} image files exists (e.g. {examples})")
+            raise DatasetFileNotFoundError(f"{where}: none of its {len(records)} image files exists (e.g. {examples})")
         if not options.skip_invalid:
-            raise FileNotFoundError(
+            raise DatasetFileNotFoundError(
                 f"{where}: {len(missing)} of its {len(records)} image files are missing, e.g. {examples}; restore "
                 f"them, {_SKIP_HINT} (or {CHECK_FILES_KEY} False to skip this check)"
             )
         for file_name in missing:
             problems.warn("missing images", f"image file {file_name} is missing; image dropped")
+    local = [(r["file_name"], r.get("height"), r.get("width")) for r in out if _is_local(r["file_name"])]
+    bad = _bad_image_headers(local, where, options, problems)
+    if bad:
+        out = [r for r in out if r["file_name"] not in bad]
     problems.summary()
     if options.is_train and num_kept == 0:
-        raise DatasetValidationError(f"{where}: no usable instance annotation in {len(records)} images")
+        raise DatasetValidationError(f"{where}: no usable instance annotation (crowd regions are not instances) in "
+                                     f"{len(records)} images")
     return out
 
 
