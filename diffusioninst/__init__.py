@@ -7,7 +7,6 @@ from . import compat
 
 compat.apply()
 
-from .allocator import configure_allocator  # noqa: E402
 from .checkpoint import DiffusionInstCheckpointer, load_weights  # noqa: E402
 from .config import ConfigError, add_diffusioninst_config, check_config, merge_config  # noqa: E402
 from .data import DiffusionInstDatasetMapper, register_datasets_from_cfg  # noqa: E402
@@ -18,7 +17,6 @@ from .solver import build_optimizer  # noqa: E402
 __all__ = [
     "add_diffusioninst_config",
     "check_config",
-    "configure_allocator",
     "ConfigError",
     "DiffusionInstCheckpointer",
     "load_weights",

@@ -32,7 +32,7 @@ def add_diffusioninst_config(cfg: CN) -> None:
     d.NUM_HEADS = 6  # decoder stages
     d.NUM_DYNAMIC = 2  # dynamic 1x1 layers in the instance interaction
     d.DIM_DYNAMIC = 64  # width of the dynamic layers
-    d.ONEDNN_LINEAR = True  # on CPU, float32 head Linear layers by oneDNN (faster than MKL on AMD); False: F.linear
+    d.CPU_KERNELS = True  # on CPU: parallel/sparse RoIAlign and oneDNN Linear (diffusioninst/layers); False: plain ops
 
     # Mask branch F_mask and dynamic mask head phi (CondInst without relative coordinates).
     d.MASK_IN_FEATURES = ("p2", "p3", "p4")  # FPN levels fused into F_mask (released weights: p2-p4)
@@ -91,7 +91,7 @@ def add_diffusioninst_config(cfg: CN) -> None:
 
     add_swin_config(cfg)
 
-    # CPU runs: glibc keeps freed memory mapped (diffusioninst/allocator.py), so large tensors reuse pages.
+    # CPU runs: glibc keeps freed memory mapped (diffusioninst/runtime.py, applied by the tools).
     cfg.CPU_KEEP_FREED_MEMORY = True  # with MODEL.DEVICE cpu: no page faults re-mapping activations each call
 
     # Model EMA (original key names): an average of the weights, used for evaluation and saved in checkpoints.

@@ -24,8 +24,6 @@ class ModelEMA:
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999, device: str = ""):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"MODEL_EMA.DECAY must be in [0, 1), got {decay}")
         self.decay = decay
         self.device = device or None
         self.state: Dict[str, torch.Tensor] = {

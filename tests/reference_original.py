@@ -23,23 +23,23 @@ from detectron2.layers import batched_nms
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes, Instances
 from fvcore.nn import sigmoid_focal_loss
+from torch import nn
 
-from diffusioninst.modeling.linear import Linear
+from diffusioninst.layers import OneDNNLinear
 from diffusioninst.modeling.mask_branch import aligned_bilinear
 
 
 @contextlib.contextmanager
 def torch_linear(model) -> Iterator[None]:
     """The original's Linear layers are torch's own (F.linear, MKL on CPU): switch ours off for the duration."""
-    layers = [m for m in model.modules() if isinstance(m, Linear)]
-    before = [m.use_onednn for m in layers]
+    layers = [m for m in model.modules() if type(m) is OneDNNLinear]
     for m in layers:
-        m.use_onednn = False
+        m.__class__ = nn.Linear
     try:
         yield
     finally:
-        for m, flag in zip(layers, before):
-            m.use_onednn = flag
+        for m in layers:
+            m.__class__ = OneDNNLinear
 
 
 def _with_torch_linear(fn):

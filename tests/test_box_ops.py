@@ -4,10 +4,10 @@ from __future__ import annotations
 import math
 
 import torch
+from detectron2.modeling.box_regression import Box2BoxTransform
 import torchvision.ops as ops
 
 from diffusioninst.modeling.box_ops import (
-    apply_box_deltas,
     box_area,
     box_cxcywh_to_xyxy,
     box_iou,
@@ -62,7 +62,12 @@ def test_elementwise_giou_equals_pairwise_diagonal() -> None:
     assert torch.equal(elementwise_generalized_box_iou(a, b), torch.diag(generalized_box_iou(a, b)))
 
 
-def test_apply_box_deltas_matches_hand_formula() -> None:
+def apply_box_deltas(deltas, boxes, weights=(2.0, 2.0, 1.0, 1.0), scale_clamp=math.log(100000.0 / 16)):
+    """The decoder's box decoding: detectron2's Box2BoxTransform with DiffusionDet's weights and clamp."""
+    return Box2BoxTransform(weights, scale_clamp).apply_deltas(deltas, boxes)
+
+
+def test_box_decoding_matches_diffusiondet_formula() -> None:
     boxes = torch.tensor([[10.0, 20.0, 50.0, 40.0], [0.0, 0.0, 8.0, 16.0]])
     deltas = torch.tensor([[0.4, -0.2, 0.3, -0.1], [1.0, 2.0, 50.0, -3.0]])
     out = apply_box_deltas(deltas, boxes)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusioninst.modeling.linear import Linear, onednn_linear, onednn_linear_available, set_onednn_linear
+from diffusioninst.layers import OneDNNLinear as Linear, onednn_linear, onednn_linear_available, use_cpu_kernels
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="torch build without oneDNN")
 
@@ -74,8 +74,8 @@ def test_falls_back_to_f_linear(case):
     if case == "float64":
         layer, x = layer.double(), x.detach().double().requires_grad_()
     if case == "switched_off":
-        set_onednn_linear(nn.Sequential(layer), False)
-        assert not layer.use_onednn
+        use_cpu_kernels(nn.Sequential(layer), False)
+        assert type(layer) is nn.Linear
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
         out = layer(x)
         expected = F.linear(x, layer.weight, layer.bias)
@@ -99,12 +99,13 @@ def test_config_switch_and_the_reference_uses_torch_linear():
     import reference_original as ref
     from conftest import tiny_cfg
 
-    def flags(model):
-        return [m.use_onednn for m in model.modules() if isinstance(m, Linear)]
+    def kinds(model):
+        return [type(m) for m in model.head.modules() if isinstance(m, nn.Linear) and not isinstance(
+            m, nn.modules.linear.NonDynamicallyQuantizableLinear)]
 
     on = build_model(tiny_cfg())
-    assert len(flags(on)) > 20 and all(flags(on))
-    assert not any(flags(build_model(tiny_cfg("MODEL.DiffusionInst.ONEDNN_LINEAR", False))))
+    assert len(kinds(on)) > 20 and set(kinds(on)) == {Linear}
+    assert set(kinds(build_model(tiny_cfg("MODEL.DiffusionInst.CPU_KERNELS", False)))) == {nn.Linear}
     with ref.torch_linear(on):
-        assert not any(flags(on))
-    assert all(flags(on))
+        assert set(kinds(on)) == {nn.Linear}
+    assert set(kinds(on)) == {Linear}

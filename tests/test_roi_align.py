@@ -12,9 +12,7 @@ from detectron2.structures import Boxes
 from torchvision.ops import roi_align
 
 from conftest import ROOT
-from diffusioninst.modeling.roi_align import (
-    ROIAlignFastBackward, parallel_roi_align, roi_align_fast_backward, use_fast_roi_align_backward,
-)
+from diffusioninst.layers import ROIAlignCPU, parallel_roi_align, roi_align_fast_backward, use_cpu_kernels
 
 
 def _rois(num: int, batch: int, extent: float, seed: int = 0) -> torch.Tensor:
@@ -48,8 +46,8 @@ def test_pooler_swap_keeps_forward_and_gradient():
     torch.manual_seed(0)
     pooler = ROIPooler((7, 7), (1 / 4, 1 / 8), sampling_ratio=2, pooler_type="ROIAlignV2")
     fast = ROIPooler((7, 7), (1 / 4, 1 / 8), sampling_ratio=2, pooler_type="ROIAlignV2")
-    use_fast_roi_align_backward(fast)
-    assert all(isinstance(m, ROIAlignFastBackward) for m in fast.level_poolers)
+    use_cpu_kernels(fast)
+    assert all(type(m) is ROIAlignCPU for m in fast.level_poolers)
     feats = [torch.randn(2, 8, 32, 40, requires_grad=True), torch.randn(2, 8, 16, 20, requires_grad=True)]
     boxes = [Boxes(_rois(30, 1, 128, seed=s)[:, 1:].clamp(0, 128)) for s in (1, 2)]
     grad = torch.randn(60, 8, 7, 7)
@@ -85,7 +83,7 @@ def test_parallel_forward_is_bit_identical_to_one_torchvision_call(three_threads
     for sampling_ratio in (2, 0):
         expected = roi_align(features, rois, (7, 7), 0.25, sampling_ratio, True)
         assert torch.equal(parallel_roi_align(features, rois, (7, 7), 0.25, sampling_ratio, True), expected)
-        assert torch.equal(ROIAlignFastBackward((7, 7), 0.25, sampling_ratio)(features, rois), expected)
+        assert torch.equal(ROIAlignCPU((7, 7), 0.25, sampling_ratio, aligned=True)(features, rois), expected)
 
 
 def test_parallel_forward_under_autocast_matches_torchvisions_float32_cast(three_threads):
@@ -101,7 +99,7 @@ def test_parallel_forward_under_autocast_matches_torchvisions_float32_cast(three
 
 FORK_SCRIPT = """
 import os, sys, torch
-from diffusioninst.modeling.roi_align import parallel_roi_align
+from diffusioninst.layers import parallel_roi_align
 torch.set_num_threads(3)
 features = torch.randn(1, 4, 20, 20)
 rois = torch.cat([torch.zeros(50, 1), torch.rand(50, 2) * 40, 40 + torch.rand(50, 2) * 40], 1)
@@ -122,8 +120,9 @@ def test_parallel_forward_works_in_a_forked_child():
 
 THREADS_SCRIPT = """
 import os, sys, torch
-from diffusioninst.modeling import roi_align as module
-if module._openmp_set_num_threads() is None:
+from diffusioninst import runtime
+from diffusioninst.layers import roi_align as module
+if runtime._openmp_set_num_threads() is None:
     print("no OpenMP runtime found"); sys.exit(0)
 torch.set_num_threads(2)
 features = torch.randn(1, 256, 64, 64)
@@ -148,7 +147,7 @@ def test_workers_start_no_openmp_teams_of_their_own():
 
 
 def test_one_pool_serves_calls_with_few_and_many_rois(three_threads):
-    from diffusioninst.modeling import roi_align as module
+    from diffusioninst.layers import roi_align as module
 
     features = torch.randn(1, 4, 30, 30)
     for num in (100, 20, 60):  # 3, 2 and 3 chunks

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import platform
@@ -52,9 +51,10 @@ from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 from torch import nn  # noqa: E402
 
 from diffusioninst import (  # noqa: E402
-    DiffusionInstDatasetMapper, add_diffusioninst_config, build_optimizer, configure_allocator,
+    DiffusionInstDatasetMapper, add_diffusioninst_config, build_optimizer,
 )
 from diffusioninst.data import register_datasets_from_cfg  # noqa: E402
+from diffusioninst.runtime import configure_runtime, malloc_trim  # noqa: E402
 from diffusioninst.engine import training_amp_dtype  # noqa: E402
 
 RANDOM_INSTANCES_PER_IMAGE = 5  # ground-truth instances of each random training image
@@ -218,10 +218,7 @@ def _proc_status_kb(key: str) -> int:
 
 def _release_free_heap() -> None:
     """Return the C allocator's cached free memory to the OS (glibc malloc_trim), so it is not in a baseline."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    malloc_trim()
 
 
 def _reset_peak_rss() -> bool:
@@ -358,13 +355,14 @@ class PartTimer:
 @contextlib.contextmanager
 def instrument_ours(model: nn.Module, timer: PartTimer) -> Iterator[None]:
     """Time the parts of DiffusionInst.inference: hooks and wrappers on the calls it makes, nothing re-implemented."""
-    meta_arch = sys.modules[type(model).__module__]
+    from diffusioninst.modeling import postprocess
+
     timer.wrap(model, "preprocess_image", "preprocess")
     timer.wrap(model, "extract_features", "_features")  # backbone + FPN (with layout conversions) + mask branch
     timer.wrap(model.head, "mask_features", "mask_branch")
     timer.hook(model.head, "decoder")  # head.forward: every stage, once per DDIM step
-    timer.wrap(meta_arch.DynamicMaskWindows, "window", "mask_head")  # called by masks_to_image, once per box
-    timer.wrap(meta_arch, "masks_to_image", "_masks")  # paste = this - mask head
+    timer.wrap(postprocess.DynamicMaskWindows, "window", "mask_head")  # called by masks_to_image, once per box
+    timer.wrap(postprocess, "masks_to_image", "_masks")  # paste = this - mask head
     with timer:
         yield
 
@@ -593,7 +591,7 @@ def run_benchmark(
     if threads:
         torch.set_num_threads(threads)
     cfg = setup_cfg(config_file, opts)
-    keeps_freed = configure_allocator(cfg)
+    keeps_freed = configure_runtime(cfg)
     model = build_benchmark_model(cfg, seed)
     d = cfg.MODEL.DiffusionInst
     results: Dict[str, Any] = {

@@ -31,9 +31,10 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 
 from diffusioninst import (  # noqa: E402
-    add_diffusioninst_config, check_config, configure_allocator, load_weights, merge_config,
+    add_diffusioninst_config, check_config, load_weights, merge_config,
 )
 from diffusioninst.data import register_datasets_from_cfg  # noqa: E402
+from diffusioninst.runtime import configure_runtime  # noqa: E402
 from diffusioninst.errors import UserError, run_tool  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -139,7 +140,7 @@ def build_predictor(args: argparse.Namespace) -> tuple[DefaultPredictor, Metadat
     weights = cfg.MODEL.WEIGHTS
     cfg.MODEL.WEIGHTS = ""  # DefaultPredictor builds the model; the weights are loaded below with clear errors
     cfg.freeze()
-    configure_allocator(cfg)
+    configure_runtime(cfg)
     predictor = DefaultPredictor(cfg)
     if not weights and args.allow_random_weights:
         report("MODEL.WEIGHTS is empty: the model is randomly initialised (--allow-random-weights)")

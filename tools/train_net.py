@@ -26,7 +26,7 @@ from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from diffusioninst import (  # noqa: E402
-    DiffusionInstDatasetMapper, add_diffusioninst_config, build_optimizer, configure_allocator,
+    DiffusionInstDatasetMapper, add_diffusioninst_config, build_optimizer,
 )
 from diffusioninst.checkpoint import (  # noqa: E402
     DiffusionInstCheckpointer, architecture, check_optimizer_state, check_resume, load_weights,
@@ -36,6 +36,7 @@ from diffusioninst.errors import (  # noqa: E402
     USER_ERROR_EXIT, HideUserErrorTracebacks, UserError, debug_requested, report_user_error, run_tool,
 )
 from diffusioninst.data import register_datasets_from_cfg  # noqa: E402
+from diffusioninst.runtime import configure_runtime  # noqa: E402
 from diffusioninst.ema import EMAHook, ModelEMA, unwrap_model  # noqa: E402
 from diffusioninst.evaluation import LVISEvaluator  # noqa: E402
 from diffusioninst.engine import (  # noqa: E402
@@ -178,7 +179,7 @@ def setup(args):
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="diffusioninst")
     logging.getLogger("detectron2.engine.train_loop").addFilter(HideUserErrorTracebacks())
-    configure_allocator(cfg)
+    configure_runtime(cfg)
     return cfg
 
 

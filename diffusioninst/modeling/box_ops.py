@@ -1,7 +1,5 @@
-"""Box conversions, IoU/GIoU and delta decoding, as used by DiffusionDet/DiffusionInst."""
+"""Box conversions and IoU/GIoU, as used by DiffusionDet/DiffusionInst (box deltas: detectron2's Box2BoxTransform)."""
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
@@ -13,7 +11,6 @@ __all__ = [
     "box_iou",
     "generalized_box_iou",
     "elementwise_generalized_box_iou",
-    "apply_box_deltas",
 ]
 
 
@@ -67,32 +64,3 @@ def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     hull = (torch.max(boxes1[..., 2:], boxes2[..., 2:]) - torch.min(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
     area = hull[..., 0] * hull[..., 1]
     return iou - (area - union) / area
-
-
-def apply_box_deltas(
-    deltas: Tensor,
-    boxes: Tensor,
-    weights: tuple[float, float, float, float] = (2.0, 2.0, 1.0, 1.0),
-    scale_clamp: float = math.log(100000.0 / 16),
-) -> Tensor:
-    """Decode (N, 4) deltas (dx, dy, dw, dh) against (N, 4) xyxy boxes -> (N, 4) xyxy boxes (DiffusionDet's rule)."""
-    boxes = boxes.to(deltas.dtype)
-    widths = boxes[:, 2] - boxes[:, 0]
-    heights = boxes[:, 3] - boxes[:, 1]
-    ctr_x = boxes[:, 0] + 0.5 * widths
-    ctr_y = boxes[:, 1] + 0.5 * heights
-
-    wx, wy, ww, wh = weights
-    dx = deltas[:, 0] / wx
-    dy = deltas[:, 1] / wy
-    dw = torch.clamp(deltas[:, 2] / ww, max=scale_clamp)
-    dh = torch.clamp(deltas[:, 3] / wh, max=scale_clamp)
-
-    pred_ctr_x = dx * widths + ctr_x
-    pred_ctr_y = dy * heights + ctr_y
-    pred_w = torch.exp(dw) * widths
-    pred_h = torch.exp(dh) * heights
-    return torch.stack(
-        (pred_ctr_x - 0.5 * pred_w, pred_ctr_y - 0.5 * pred_h, pred_ctr_x + 0.5 * pred_w, pred_ctr_y + 0.5 * pred_h),
-        dim=-1,
-    )

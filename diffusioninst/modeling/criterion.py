@@ -1,15 +1,20 @@
 """DiffusionInst losses: focal classification, L1 and GIoU boxes, dice masks; every decoder stage supervised."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import configurable
+from fvcore.nn import sigmoid_focal_loss
 from torch import nn
+
+from ..data.datasets import class_image_count
 
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .dynamic_mask_head import dynamic_mask_logits
-from .losses import dice_loss, federated_loss_classes, giou_loss, l1_box_loss, sigmoid_focal_loss
+from .losses import dice_loss, fed_loss_class_weights, federated_loss_classes, giou_loss, l1_box_loss
 from .matcher import DynamicKMatcher
 
 __all__ = ["SetCriterion", "downsample_gt_masks"]
@@ -27,6 +32,13 @@ def downsample_gt_masks(masks: torch.Tensor, out_size: Tuple[int, int], stride: 
     return masks[:, start::stride, start::stride].gt(0.5).float()
 
 
+def _fed_loss_weights(train_set: Optional[str], num_classes: int, power: float) -> torch.Tensor:
+    """The federated loss's class weights (K,) from the image counts of the training set's classes."""
+    if train_set is None:
+        raise ValueError("MODEL.DiffusionInst.USE_FED_LOSS needs a training set (DATASETS.TRAIN) to count classes")
+    return fed_loss_class_weights(class_image_count(train_set, num_classes), power)
+
+
 class SetCriterion(nn.Module):
     """Matches predictions to ground truth with the dynamic-k matcher at every stage and sums weighted losses.
 
@@ -35,6 +47,7 @@ class SetCriterion(nn.Module):
     of matched proposals.
     """
 
+    @configurable
     def __init__(
         self,
         num_classes: int,
@@ -80,6 +93,23 @@ class SetCriterion(nn.Module):
         self.mask_head_layout = mask_head_layout
         self.mask_stride = mask_stride
         self.use_box_loss = use_box_loss
+
+    @classmethod
+    def from_config(cls, cfg, mask_stride: int = 4) -> dict:
+        d = cfg.MODEL.DiffusionInst
+        fed_weights = None
+        if d.USE_FED_LOSS:  # class image counts of the training set, read at the first training iteration
+            train_set = cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else None
+            fed_weights = partial(_fed_loss_weights, train_set, d.NUM_CLASSES, d.FED_LOSS_FREQ_WEIGHT_POWER)
+        return {
+            "num_classes": d.NUM_CLASSES, "matcher": DynamicKMatcher(cfg), "class_weight": d.CLASS_WEIGHT,
+            "l1_weight": d.L1_WEIGHT, "giou_weight": d.GIOU_WEIGHT, "mask_weight": d.MASK_WEIGHT, "focal_alpha": d.ALPHA,
+            "focal_gamma": d.GAMMA, "use_focal": d.USE_FOCAL, "use_fed_loss": d.USE_FED_LOSS,
+            "fed_loss_class_weights": fed_weights, "fed_loss_num_classes": d.FED_LOSS_NUM_CLASSES,
+            "mask_deep_supervision": d.MASK_DEEP_SUPERVISION,
+            "mask_head_layout": (d.MASK_DIM, d.MASK_HEAD_CHANNELS, d.MASK_HEAD_LAYERS), "mask_stride": mask_stride,
+            "use_box_loss": d.USE_BOX_LOSS,
+        }
 
     def _check_fed_loss_weights(self, weights: torch.Tensor) -> None:
         if weights.shape != (self.num_classes,):
@@ -144,7 +174,7 @@ class SetCriterion(nn.Module):
         onehot = F.one_hot(target_classes, k + 1)[..., :k].to(logits.dtype).flatten(0, 1)
         flat = logits.flatten(0, 1)
         if self.use_focal:
-            cls_loss = sigmoid_focal_loss(flat, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma)
+            cls_loss = sigmoid_focal_loss(flat, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none")
         else:
             cls_loss = F.binary_cross_entropy_with_logits(flat, onehot, reduction="none")
         if self.use_fed_loss:

@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
 from torch import nn
 
-from .box_ops import apply_box_deltas, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .diffusion import signal_from_filters
-from .dynamic_mask_head import dynamic_mask_logits
-from .linear import Linear
+from .dynamic_mask_head import dynamic_mask_logits, num_mask_head_params
 from .mask_branch import MaskRefine, MaskTower
 from .postprocess import mask_extent_boxes
 
@@ -49,10 +51,10 @@ class DynamicInteraction(nn.Module):
         self.hidden_dim = hidden_dim
         self.dim_dynamic = dim_dynamic
         self.num_params = hidden_dim * dim_dynamic
-        self.dynamic_layer = Linear(hidden_dim, num_dynamic * self.num_params)
+        self.dynamic_layer = nn.Linear(hidden_dim, num_dynamic * self.num_params)
         self.norm1 = nn.LayerNorm(dim_dynamic)
         self.norm2 = nn.LayerNorm(hidden_dim)
-        self.out_layer = Linear(hidden_dim * pooler_resolution**2, hidden_dim)
+        self.out_layer = nn.Linear(hidden_dim * pooler_resolution**2, hidden_dim)
         self.norm3 = nn.LayerNorm(hidden_dim)
 
     def forward(self, pro_features: torch.Tensor, roi_features: torch.Tensor) -> torch.Tensor:
@@ -69,7 +71,7 @@ class DynamicInteraction(nn.Module):
 def _linear_ln_relu_blocks(dim: int, num_blocks: int) -> nn.ModuleList:
     layers: List[nn.Module] = []
     for _ in range(num_blocks):
-        layers += [Linear(dim, dim, bias=False), nn.LayerNorm(dim), nn.ReLU(inplace=True)]
+        layers += [nn.Linear(dim, dim, bias=False), nn.LayerNorm(dim), nn.ReLU(inplace=True)]
     return nn.ModuleList(layers)
 
 
@@ -99,10 +101,10 @@ class DecoderStage(nn.Module):
         self.d_model = d_model
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.inst_interact = DynamicInteraction(d_model, dim_dynamic, num_dynamic, pooler_resolution)
-        self.linear1 = Linear(d_model, dim_feedforward)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout = nn.Dropout(dropout)
-        self.linear2 = Linear(dim_feedforward, d_model)
-        self.controller = Linear(d_model, num_mask_params)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.controller = nn.Linear(d_model, num_mask_params)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
@@ -110,13 +112,12 @@ class DecoderStage(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)
         self.activation = _ACTIVATIONS[activation]
-        self.block_time_mlp = nn.Sequential(nn.SiLU(), Linear(d_model * 4, d_model * 2))
+        self.block_time_mlp = nn.Sequential(nn.SiLU(), nn.Linear(d_model * 4, d_model * 2))
         self.cls_module = _linear_ln_relu_blocks(d_model, num_cls)
         self.reg_module = _linear_ln_relu_blocks(d_model, num_reg)
-        self.class_logits = Linear(d_model, num_classes)
-        self.bboxes_delta = Linear(d_model, 4)
-        self.bbox_weights = bbox_weights
-        self.scale_clamp = scale_clamp
+        self.class_logits = nn.Linear(d_model, num_classes)
+        self.bboxes_delta = nn.Linear(d_model, 4)
+        self.box2box_transform = Box2BoxTransform(weights=bbox_weights, scale_clamp=scale_clamp)
 
     def forward(
         self,
@@ -168,13 +169,14 @@ class DecoderStage(nn.Module):
         deltas = self.bboxes_delta(reg_feature)
         filters = self.controller(reg_feature)
         # Box arithmetic in float32 also under autocast: half-precision coordinates would be off by pixels.
-        pred_boxes = apply_box_deltas(deltas.float(), boxes.reshape(-1, 4).float(), self.bbox_weights, self.scale_clamp)
+        pred_boxes = self.box2box_transform.apply_deltas(deltas.float(), boxes.reshape(-1, 4).float())
         return class_logits.view(b, n, -1), pred_boxes.view(b, n, 4), obj_features, filters.view(b, n, -1)
 
 
 class DiffusionInstHead(nn.Module):
     """Decoder stages over RoI features of noisy boxes, the time MLP, and the mask branch producing F_mask."""
 
+    @configurable
     def __init__(
         self,
         stage: DecoderStage,
@@ -201,7 +203,7 @@ class DiffusionInstHead(nn.Module):
         # Filter denoising (beyond the paper): each stage embeds the filter signal it is given (the noisy state at
         # the first stage, the previous stage's filters after it) into its proposal features.
         self.filter_embed = (
-            nn.ModuleList([Linear(stage.controller.out_features, hidden_dim) for _ in range(num_stages)])
+            nn.ModuleList([nn.Linear(stage.controller.out_features, hidden_dim) for _ in range(num_stages)])
             if filter_denoising else None
         )
         self.mask_refine = MaskRefine(num_mask_levels, hidden_dim, mask_branch_channels)
@@ -209,9 +211,9 @@ class DiffusionInstHead(nn.Module):
         time_dim = hidden_dim * 4
         self.time_mlp = nn.Sequential(
             SinusoidalTimeEmbedding(hidden_dim),
-            Linear(hidden_dim, time_dim),
+            nn.Linear(hidden_dim, time_dim),
             nn.GELU(),
-            Linear(time_dim, time_dim),
+            nn.Linear(time_dim, time_dim),
         )
         self.deep_supervision = deep_supervision
         self.boxes_from_masks = boxes_from_masks
@@ -224,6 +226,39 @@ class DiffusionInstHead(nn.Module):
         if boxes_from_masks:  # the box regression is unused: its boxes come from the masks
             for stage in self.head_series:
                 stage.bboxes_delta.requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]) -> dict:
+        """The head of the config for a backbone with outputs ``input_shape`` (name -> ShapeSpec)."""
+        d = cfg.MODEL.DiffusionInst
+        in_features = list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
+        for key, names in (("MODEL.ROI_HEADS.IN_FEATURES", in_features),
+                           ("MODEL.DiffusionInst.MASK_IN_FEATURES", d.MASK_IN_FEATURES)):
+            missing = [f for f in names if f not in input_shape]
+            if missing:
+                raise ValueError(f"{key} names {missing}, which the backbone does not output (it has "
+                                 f"{sorted(input_shape)})")
+        resolution = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
+        mask_layout = (d.MASK_DIM, d.MASK_HEAD_CHANNELS, d.MASK_HEAD_LAYERS)
+        stage = DecoderStage(
+            d_model=d.HIDDEN_DIM, num_classes=d.NUM_CLASSES, num_mask_params=num_mask_head_params(*mask_layout),
+            dim_feedforward=d.DIM_FEEDFORWARD, nhead=d.NHEADS, dropout=d.DROPOUT, activation=d.ACTIVATION,
+            num_cls=d.NUM_CLS, num_reg=d.NUM_REG, dim_dynamic=d.DIM_DYNAMIC, num_dynamic=d.NUM_DYNAMIC,
+            pooler_resolution=resolution,
+        )
+        box_pooler = ROIPooler(
+            output_size=resolution, scales=tuple(1.0 / input_shape[f].stride for f in in_features),
+            sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO, pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE,
+        )
+        return {
+            "stage": stage, "num_stages": d.NUM_HEADS, "box_pooler": box_pooler, "hidden_dim": d.HIDDEN_DIM,
+            "num_mask_levels": len(d.MASK_IN_FEATURES), "mask_branch_channels": d.MASK_BRANCH_CHANNELS,
+            "mask_branch_num_convs": d.MASK_BRANCH_NUM_CONVS, "mask_dim": d.MASK_DIM,
+            "deep_supervision": d.DEEP_SUPERVISION, "prior_prob": d.PRIOR_PROB, "filter_denoising": d.FILTER_DENOISING,
+            "boxes_from_masks": not d.USE_BOX_LOSS, "snr_scale": d.SNR_SCALE, "filter_range": d.FILTER_SIGNAL_RANGE,
+            "mask_head_layout": mask_layout, "mask_stride": input_shape[d.MASK_IN_FEATURES[0]].stride,
+            "mask_box_search_scale": d.MASK_BOX_SEARCH_SCALE,
+        }
 
     def _reset_parameters(self, prior_prob: float) -> None:
         """Xavier-uniform for every matrix; the focal prior only on the classification biases; zero filter embeddings.

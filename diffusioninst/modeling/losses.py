@@ -1,4 +1,4 @@
-"""Loss primitives of DiffusionInst: focal, dice, federated-loss class sampling and box losses."""
+"""Loss primitives of DiffusionInst: dice, federated-loss class sampling and box losses (focal: fvcore's)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -11,24 +11,12 @@ from torch import Tensor
 from .box_ops import elementwise_generalized_box_iou
 
 __all__ = [
-    "sigmoid_focal_loss",
     "dice_loss",
     "federated_loss_classes",
     "fed_loss_class_weights",
     "l1_box_loss",
     "giou_loss",
 ]
-
-
-def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """Elementwise focal loss (RetinaNet) of logits vs {0,1} targets of the same shape; alpha < 0 disables weighting."""
-    prob = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = ce * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss
 
 
 def dice_loss(mask_probs: Tensor, targets: Tensor) -> Tensor:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from detectron2.config import configurable
 from torch import Tensor, nn
 
 from .box_ops import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou
@@ -75,6 +76,7 @@ def dynamic_k_match(cost: Tensor, ious: Tensor, valid: Tensor, ota_k: int = 5) -
 class DynamicKMatcher(nn.Module):
     """DiffusionDet's HungarianMatcherDynamicK: each gt takes its k lowest-cost queries, k from its top IoUs."""
 
+    @configurable
     def __init__(
         self,
         cost_class: float = 2.0,
@@ -99,6 +101,15 @@ class DynamicKMatcher(nn.Module):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.center_radius = center_radius
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        d = cfg.MODEL.DiffusionInst
+        return {
+            "cost_class": d.CLASS_WEIGHT, "cost_bbox": d.L1_WEIGHT, "cost_giou": d.GIOU_WEIGHT, "ota_k": d.OTA_K,
+            "use_focal": d.USE_FOCAL, "use_fed_loss": d.USE_FED_LOSS, "focal_alpha": d.ALPHA, "focal_gamma": d.GAMMA,
+            "center_radius": d.CENTER_RADIUS,
+        }
 
     def _class_cost(self, prob: Tensor) -> Tensor:
         """Classification cost from the gt-class probabilities (B, N, G) -> (B, N, G)."""

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import bisect
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.layers import batched_nms
+from detectron2.structures import Boxes, Instances
 
 from .dynamic_mask_head import DynamicMaskWindows
 
-__all__ = ["select_topk", "nms_and_cap", "masks_to_image", "mask_extent_boxes"]
+__all__ = ["detections_to_instances", "select_topk", "nms_and_cap", "masks_to_image", "mask_extent_boxes"]
 
 BAND_CHUNK = 64  # output rows (columns) per tile of the banded mask-resize products
 
@@ -37,6 +38,37 @@ def nms_and_cap(
     else:
         keep = scores.argsort(descending=True)
     return keep[:max_dets] if max_dets > 0 else keep
+
+
+def detections_to_instances(
+    steps: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]], mask_feats: torch.Tensor,
+    input_size: Tuple[int, int], output_size: Tuple[int, int], *, num_proposals: int, nms_thresh: float,
+    use_nms: bool, max_detections: int, mask_head_layout: Tuple[int, int, int], mask_threshold: float,
+) -> Instances:
+    """One image's ``Instances`` at ``output_size`` from its sampling steps' last-stage (logits (N, K), boxes (N, 4)
+    abs xyxy at ``input_size``, filters (N, P)) and its F_mask (c, h, w).
+
+    Top-``num_proposals`` (proposal, class) pairs of every step are pooled, per-class NMS'd, rescaled to the output
+    size and clipped; the first ``max_detections`` (<= 0: all) non-empty boxes get binary masks, the dynamic mask
+    head running only inside their boxes.
+    """
+    candidates = [select_topk(logits, boxes, filters, num_proposals) for logits, boxes, filters in steps]
+    scores, labels, boxes, filters = (torch.cat(c) for c in zip(*candidates))
+    keep = nms_and_cap(boxes, scores, labels, nms_thresh, use_nms, 0)  # capped after empty boxes are dropped
+    out_boxes = Boxes(boxes[keep])
+    out_boxes.scale(output_size[1] / input_size[1], output_size[0] / input_size[0])
+    out_boxes.clip(output_size)
+    nonempty = out_boxes.nonempty().nonzero().squeeze(1)
+    if max_detections > 0:
+        nonempty = nonempty[:max_detections]
+    keep, out_boxes = keep[nonempty], out_boxes[nonempty]
+    out = Instances(output_size)
+    out.pred_boxes = out_boxes
+    out.scores = scores[keep]
+    out.pred_classes = labels[keep]
+    windows = DynamicMaskWindows(mask_feats, filters[keep], *mask_head_layout)
+    out.pred_masks = masks_to_image(windows, input_size, output_size, out_boxes.tensor, mask_threshold)
+    return out
 
 
 def _resize_weights(low_len: int, in_len: int, out_len: int, stride: int, device: torch.device) -> torch.Tensor:

@@ -4,11 +4,13 @@ from __future__ import annotations
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
+from detectron2.config import configurable
 from torch import nn
 
 from .diffusion import (
     boxes_from_signal,
     ddim_step,
+    diffusion_buffers,
     ddim_time_pairs,
     predict_noise_from_start,
     signal_from_boxes,
@@ -33,6 +35,7 @@ class DDIMSampler(nn.Module):
     buffers, so they follow the model to its device and stay out of its state dict.
     """
 
+    @configurable
     def __init__(
         self,
         alphas_cumprod: torch.Tensor,
@@ -48,8 +51,6 @@ class DDIMSampler(nn.Module):
         ensemble_last_step: bool = True,
         filter_range: Optional[float] = None,
     ):
-        if not 1 <= sample_steps <= num_timesteps:
-            raise ValueError(f"MODEL.DiffusionInst.SAMPLE_STEP must be in [1, {num_timesteps}], got {sample_steps}")
         super().__init__()
         self.register_buffer("alphas_cumprod", alphas_cumprod.clone(), persistent=False)
         self.register_buffer("sqrt_recip_alphas_cumprod", sqrt_recip_alphas_cumprod.clone(), persistent=False)
@@ -62,6 +63,20 @@ class DDIMSampler(nn.Module):
         self.ensemble = use_ensemble and sample_steps > 1
         self.ensemble_last_step = ensemble_last_step
         self.filter_range = filter_range
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        d = cfg.MODEL.DiffusionInst
+        schedule = diffusion_buffers(d.NUM_TIMESTEPS)
+        return {
+            "alphas_cumprod": schedule["alphas_cumprod"],
+            "sqrt_recip_alphas_cumprod": schedule["sqrt_recip_alphas_cumprod"],
+            "sqrt_recipm1_alphas_cumprod": schedule["sqrt_recipm1_alphas_cumprod"],
+            "num_timesteps": d.NUM_TIMESTEPS, "sample_steps": d.SAMPLE_STEP, "eta": d.DDIM_ETA, "scale": d.SNR_SCALE,
+            "box_renewal": d.BOX_RENEWAL, "renewal_threshold": d.RENEWAL_THRESHOLD, "use_ensemble": d.USE_ENSEMBLE,
+            "ensemble_last_step": d.ENSEMBLE_LAST_STEP,
+            "filter_range": d.FILTER_SIGNAL_RANGE if d.FILTER_DENOISING else None,
+        }
 
     @staticmethod
     def _randn(shape: Tuple[int, ...], generators: Optional[Sequence[torch.Generator]], like: torch.Tensor) -> torch.Tensor:

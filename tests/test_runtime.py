@@ -1,4 +1,5 @@
-"""CPU_KEEP_FREED_MEMORY: glibc keeps freed memory, so a large tensor allocated again reuses mapped pages."""
+"""diffusioninst.runtime: CPU_KEEP_FREED_MEMORY (glibc keeps freed memory, so a large tensor allocated again reuses
+mapped pages), applied only when a tool asks, and nothing of it at import time."""
 from __future__ import annotations
 
 import subprocess
@@ -8,11 +9,11 @@ import textwrap
 import pytest
 from detectron2.config import get_cfg
 
-from diffusioninst import add_diffusioninst_config, allocator
+from diffusioninst import add_diffusioninst_config, runtime
 
 FAULTS_SCRIPT = textwrap.dedent("""
     import resource, sys, torch
-    from diffusioninst.allocator import keep_freed_memory
+    from diffusioninst.runtime import keep_freed_memory
     kept = keep_freed_memory() if sys.argv[1] == "keep" else None
     def faults_of_64mb_tensors(n):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -42,11 +43,29 @@ def test_freed_memory_is_reused_without_page_faults():
 
 @pytest.mark.parametrize("device,enabled,applies", [("cpu", True, True), ("cpu", False, False),
                                                     ("cuda", True, False), ("cuda:1", True, False)])
-def test_configure_allocator_follows_the_key_and_device(monkeypatch, device, enabled, applies):
+def test_configure_runtime_follows_the_key_and_device(monkeypatch, device, enabled, applies):
     calls = []
-    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append(1) or True)
     cfg = get_cfg()
     add_diffusioninst_config(cfg)
     cfg.MODEL.DEVICE, cfg.CPU_KEEP_FREED_MEMORY = device, enabled
-    assert allocator.configure_allocator(cfg) is applies
+    assert runtime.configure_runtime(cfg) is applies
     assert len(calls) == int(applies)
+
+
+def test_importing_the_package_tunes_nothing():
+    """No allocator setting, no OpenMP call, no fork hook and no ctypes outside runtime.py happen at import time."""
+    script = textwrap.dedent("""
+        import os, sys
+        hooks, register = [], os.register_at_fork
+        def record(**kw):
+            hooks.extend(m for m in (getattr(f, "__module__", None) or "" for f in kw.values()) if m.startswith("diffusioninst"))
+            register(**kw)
+        os.register_at_fork = record
+        import diffusioninst, diffusioninst.layers, diffusioninst.modeling
+        from diffusioninst import runtime
+        print(hooks == [], runtime._libc.cache_info().currsize, runtime._openmp_set_num_threads.cache_info().currsize)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "0", "0"]

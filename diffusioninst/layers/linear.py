@@ -6,8 +6,8 @@ most of DiffusionInst's CPU time. On CPUs where MKL's sgemm does not use AVX-512
 the op Inductor uses on CPU) are faster: for the dynamic layer at 200 rows, 21 -> 8 ms forward and 17 -> 9 ms for
 the input gradient. Forward, input gradient and weight gradient all go through it; the arithmetic is float32 with
 float32 accumulation, only summed in another order. oneDNN builds a kernel per shape, so this suits layers whose
-shapes repeat. Other devices and dtypes, autocast, and torch builds without the op use ``F.linear`` unchanged;
-``set_onednn_linear(module, False)`` switches a model back to it.
+shapes repeat. Other devices and dtypes, autocast, and torch builds without the op (checked once: the op is
+private) use ``F.linear`` unchanged. Opt-in through ``MODEL.DiffusionInst.CPU_KERNELS``.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Linear", "onednn_linear", "onednn_linear_available", "set_onednn_linear"]
+__all__ = ["OneDNNLinear", "onednn_linear", "onednn_linear_available"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,24 +69,8 @@ def onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> T
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and state_dict) computing through ``onednn_linear`` unless switched off."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, use_onednn: bool = True):
-        super().__init__(in_features, out_features, bias=bias)
-        self.use_onednn = use_onednn
+class OneDNNLinear(nn.Linear):
+    """nn.Linear (same parameters and state_dict) computing through :func:`onednn_linear`."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.use_onednn:
-            return onednn_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", use_onednn={self.use_onednn}"
-
-
-def set_onednn_linear(module: nn.Module, enabled: bool) -> None:
-    """Switch every ``Linear`` inside module to oneDNN (enabled) or to ``F.linear``."""
-    for m in module.modules():
-        if isinstance(m, Linear):
-            m.use_onednn = enabled
+        return onednn_linear(x, self.weight, self.bias)

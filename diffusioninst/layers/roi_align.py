@@ -1,5 +1,7 @@
 """RoIAlign for CPU: torchvision's kernel run on chunks of the RoIs in parallel, and a sparse-matrix backward.
 
+Opt-in through ``MODEL.DiffusionInst.CPU_KERNELS`` (``diffusioninst.layers.use_cpu_kernels``).
+
 torchvision's CPU kernels are serial. The forward here splits the RoIs into one chunk per intra-op thread and runs
 torchvision's ``roi_align`` on each chunk in a worker thread (the op releases the GIL); every RoI is computed by
 the same kernel, so outputs are bit-identical to one serial call. RoIAlign is linear in the features:
@@ -9,45 +11,27 @@ boundary rules) and is several times faster on CPU during training.
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import os
-import re
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from detectron2.layers import ROIAlign
+from torch import Tensor
 from torchvision.ops import roi_align
 
-__all__ = [
-    "ROIAlignFastBackward", "parallel_roi_align", "roi_align_fast_backward", "roi_align_matrix",
-    "use_fast_roi_align_backward",
-]
+from ..runtime import set_thread_openmp_threads
+
+__all__ = ["ROIAlignCPU", "parallel_roi_align", "roi_align_fast_backward", "roi_align_matrix"]
 
 MIN_ROIS_PER_CHUNK = 8  # fewer RoIs than this per thread are pooled in one serial call (thread hand-off costs more)
 
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_workers = 0
 _pool_lock = threading.Lock()
-
-
-@functools.lru_cache(maxsize=None)
-def _openmp_set_num_threads() -> Optional[Callable[[int], None]]:
-    """``omp_set_num_threads`` of the OpenMP runtime torch loaded (found in /proc/self/maps); None if not found."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if re.search(r"/lib(gomp|iomp5|omp)[^/]*\.so", line)}
-    except OSError:
-        return None
-    for path in sorted(paths):
-        try:
-            return ctypes.CDLL(path).omp_set_num_threads
-        except (OSError, AttributeError):
-            continue
-    return None
+_fork_hook_registered = False
 
 
 def _single_threaded_worker() -> None:
@@ -58,15 +42,16 @@ def _single_threaded_worker() -> None:
     op of the process waits for its threads to wake up (3x slower mask head, measured).
     """
     torch.get_num_threads()  # torch's once-per-thread OpenMP setup; run later, it would undo the next line
-    set_num_threads = _openmp_set_num_threads()
-    if set_num_threads is not None:
-        set_num_threads(1)
+    set_thread_openmp_threads(1)
 
 
 def _thread_pool(workers: int) -> ThreadPoolExecutor:
     """A process-wide pool of ``workers`` threads (torch's intra-op thread count; rebuilt when that changes)."""
-    global _pool, _pool_workers
+    global _pool, _pool_workers, _fork_hook_registered
     with _pool_lock:
+        if not _fork_hook_registered:  # the parent's threads do not exist in a forked child (data-loader workers)
+            os.register_at_fork(after_in_child=_forget_pool_after_fork)
+            _fork_hook_registered = True
         if _pool is None or _pool_workers != workers:
             if _pool is not None:
                 _pool.shutdown(wait=False)
@@ -78,10 +63,7 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
 
 def _forget_pool_after_fork() -> None:
     global _pool, _pool_workers, _pool_lock
-    _pool, _pool_workers, _pool_lock = None, 0, threading.Lock()  # the parent's threads do not exist in the child
-
-
-os.register_at_fork(after_in_child=_forget_pool_after_fork)
+    _pool, _pool_workers, _pool_lock = None, 0, threading.Lock()
 
 
 def parallel_roi_align(
@@ -215,31 +197,15 @@ def roi_align_fast_backward(
     return _RoIAlignFastBackward.apply(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
 
 
-class ROIAlignFastBackward(nn.Module):
-    """Drop-in for detectron2's ``ROIAlign`` module (same outputs); on CPU, the parallel forward and sparse backward."""
-
-    def __init__(self, output_size: Tuple[int, int], spatial_scale: float, sampling_ratio: int, aligned: bool = True):
-        super().__init__()
-        self.output_size = tuple(output_size) if isinstance(output_size, (tuple, list)) else (output_size, output_size)
-        self.spatial_scale = spatial_scale
-        self.sampling_ratio = sampling_ratio
-        self.aligned = aligned
+class ROIAlignCPU(ROIAlign):
+    """detectron2's ``ROIAlign`` (same arguments and outputs) with, on CPU, the parallel forward and the sparse
+    backward; on other devices, or without a fixed sampling ratio, detectron2's own forward."""
 
     def forward(self, features: Tensor, rois: Tensor) -> Tensor:
-        args = (rois.to(features.dtype), self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+        if features.device.type != "cpu" or self.sampling_ratio <= 0:
+            return super().forward(features, rois)
+        output_size = self.output_size if isinstance(self.output_size, tuple) else (self.output_size,) * 2
+        args = (rois.to(features.dtype), output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
         if not features.requires_grad:
             return parallel_roi_align(features, *args)
-        if features.device.type == "cpu" and self.sampling_ratio > 0:
-            return roi_align_fast_backward(features, *args)
-        return roi_align(features, *args)
-
-
-def use_fast_roi_align_backward(pooler: nn.Module) -> None:
-    """Swap the RoIAlign modules of a detectron2 ``ROIPooler`` for ``ROIAlignFastBackward`` (same forward)."""
-    from detectron2.layers import ROIAlign
-
-    for i, level in enumerate(pooler.level_poolers):
-        if isinstance(level, ROIAlign):
-            pooler.level_poolers[i] = ROIAlignFastBackward(
-                level.output_size, level.spatial_scale, level.sampling_ratio, level.aligned
-            )
+        return roi_align_fast_backward(features, *args)
