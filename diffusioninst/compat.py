@@ -1,7 +1,9 @@
 """Make detectron2 v0.6 (the offline install without compiled ops) work on today's stack.
 
-Imported by ``diffusioninst/__init__.py`` before anything touches detectron2. Every shim applies only
-when the thing it stands in for is missing, so on a full, modern detectron2 this module changes nothing.
+Imported by ``diffusioninst/__init__.py`` before anything touches detectron2. Every shim applies only when the
+thing it stands in for is missing, the v0.6 release is installed (told apart from detectron2's main branch, which
+reports the same version, by what main added), or a probe of the behaviour fails; on a full, modern detectron2 this
+module changes nothing. No shim reads source text or bytecode.
 """
 from __future__ import annotations
 
@@ -122,6 +124,15 @@ def _cpu_distributed_worker(local_rank, main_func, world_size, num_gpus_per_mach
     main_func(*args)
 
 
+def _is_v06_release() -> bool:
+    """detectron2's v0.6 release (also the PyPI sdist) rather than its main branch, which reports the same
+    ``__version__``: main added ``comm.create_local_process_group`` (with GLOO launches without GPUs)."""
+    import detectron2
+    from detectron2.utils import comm
+
+    return detectron2.__version__ == "0.6" and not hasattr(comm, "create_local_process_group")
+
+
 def _patch_cpu_launch() -> None:
     # v0.6's launch asserts CUDA and uses NCCL; on a machine without GPUs, run the workers over GLOO instead.
     import importlib
@@ -129,12 +140,44 @@ def _patch_cpu_launch() -> None:
     import torch
 
     launch_module = importlib.import_module("detectron2.engine.launch")  # the package re-exports a function named launch
-
-    if torch.cuda.is_available() or not hasattr(launch_module, "_distributed_worker"):
-        return
-    source = getattr(launch_module._distributed_worker, "__code__", None)
-    if source is not None and "NCCL" in source.co_consts and "GLOO" not in source.co_consts:
+    if _is_v06_release() and not torch.cuda.is_available():
         launch_module._distributed_worker = _cpu_distributed_worker
+
+
+def _map_dataset_getitem(self, idx):
+    """v0.6's MapDataset.__getitem__ (retry another element when the mapper returns None), drawing the retry from a
+    sorted list: Python 3.11's random.sample no longer accepts the set v0.6 gives it."""
+    import logging
+
+    from detectron2.data import common
+
+    retry_count = 0
+    cur_idx = int(idx)
+    while True:
+        data = self._map_func(self._dataset[cur_idx])
+        if data is not None:
+            self._fallback_candidates.add(cur_idx)
+            return data
+        retry_count += 1
+        self._fallback_candidates.discard(cur_idx)
+        if not self._fallback_candidates:
+            raise RuntimeError("the dataset mapper returned None (skipped) for every element of the dataset")
+        cur_idx = self._rng.choice(sorted(self._fallback_candidates))
+        if retry_count >= 3:
+            logging.getLogger(common.__name__).warning(
+                "Failed to apply `_map_func` for idx: %s, retry count: %s", idx, retry_count)
+
+
+def _patch_map_dataset_retry() -> None:
+    # A mapper that skips an element (DATASETS.SKIP_INVALID) makes v0.6's MapDataset retry with random.sample on a
+    # set, a TypeError on Python >= 3.11: probe the behaviour on two elements, replace __getitem__ if it fails.
+    from detectron2.data.common import MapDataset
+
+    probe = MapDataset([0, 1], lambda x: None if x == 0 else x)
+    try:
+        probe[0]
+    except TypeError:
+        MapDataset.__getitem__ = _map_dataset_getitem
 
 
 def _patch_cpu_ddp() -> None:
@@ -170,3 +213,4 @@ def apply() -> None:
     _patch_coco_eval()
     _patch_cpu_launch()
     _patch_cpu_ddp()
+    _patch_map_dataset_retry()

@@ -577,7 +577,7 @@ def test_bad_image_headers_are_dropped_with_the_switch(tmp_path, registry, log):
     registry(tmp_path, {"hskip": coco}, None, "DATASETS.SKIP_INVALID", True)
     records = DatasetCatalog.get("rel_hskip")
     assert [os.path.basename(r["file_name"]) for r in records] == ["001.png", "002.png"]
-    assert "003.png is not a readable image" in _messages(log)
+    assert "003.png (image id 3) is not a readable image" in _messages(log)
 
 
 def test_exif_rotated_headers_match_their_declared_size(tmp_path, registry):

@@ -10,6 +10,7 @@ from .datasets import (
     SHAPES_LVIS_SPLITS,
     SHAPES_SPLITS,
     class_image_count,
+    install_validating_loaders,
     load_lvis_format,
     register_datasets_from_cfg,
     register_lvis_format,
@@ -24,13 +25,7 @@ from .shapes import (
     shapes_lvis_paths,
     write_shapes_lvis,
 )
-from .validation import (
-    DatasetValidationError,
-    install_validating_loaders,
-    load_coco_instances,
-    patch_map_dataset_retry,
-    validate_records,
-)
+from .validation import DatasetValidationError, load_coco_checked, validate_records
 
 __all__ = [
     "SHAPES_CATEGORIES",
@@ -45,7 +40,7 @@ __all__ = [
     "generate_shapes_dataset",
     "install_validating_loaders",
     "load_lvis_format",
-    "load_coco_instances",
+    "load_coco_checked",
     "read_image",
     "register_datasets_from_cfg",
     "register_lvis_format",
@@ -59,5 +54,3 @@ __all__ = [
 
 register_shapes()
 register_shapes_lvis()
-# detectron2 v0.6's MapDataset cannot retry a skipped sample on Python >= 3.11 (DATASETS.SKIP_INVALID needs it).
-patch_map_dataset_retry()

@@ -1,25 +1,28 @@
-"""Dataset registration: the synthetic shapes splits, and COCO-format datasets declared in the config.
+"""Dataset registration: the synthetic shapes splits (COCO and LVIS format), the COCO- and LVIS-format datasets
+declared in the config, and the checks of ``validation.py`` installed in front of every dataset a run uses.
 
-detectron2 registers COCO and LVIS itself (``detectron2.data.datasets.builtin``, under
-``$DETECTRON2_DATASETS``); this module adds what DiffusionInst's configs and tools need beyond that.
+detectron2 registers COCO and LVIS itself (``detectron2.data.datasets.builtin``, under ``$DETECTRON2_DATASETS``); this
+module adds what DiffusionInst's configs and tools need beyond that.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json, load_lvis_json, register_coco_instances
 
-from .shapes import SHAPES_CATEGORIES, generate_shapes_dataset, shapes_dataset_paths, shapes_lvis_paths, write_shapes_lvis
 from ..config import ConfigError
+from .shapes import SHAPES_CATEGORIES, generate_shapes_dataset, shapes_dataset_paths, shapes_lvis_paths, write_shapes_lvis
 from .validation import (
-    COCO_SOURCE, DatasetFileNotFoundError, DatasetValidationError, check_categories, install_validating_loaders, read_json,
+    NUM_CLASSES_KEY, DatasetFileNotFoundError, DatasetValidationError, ValidationOptions, check_categories,
+    load_coco_checked, read_json, validate_records,
 )
 
 __all__ = [
     "SHAPES_LVIS_SPLITS",
+    "install_validating_loaders",
     "SHAPES_SPLITS",
     "class_image_count",
     "load_lvis_format",
@@ -34,6 +37,7 @@ SHAPES_SPLITS: dict[str, str] = {"shapes_train": "train", "shapes_val": "val"}
 SHAPES_LVIS_SPLITS: dict[str, str] = {"shapes_lvis_train": "train", "shapes_lvis_val": "val"}
 
 _SHAPES_COLORS = [(220, 20, 60), (0, 130, 200), (60, 180, 75), (245, 130, 48)]
+PREPARE = "_diffusioninst_prepare"  # set on a loader (the shapes dataset's): called before its JSON file is read
 _CFG_KEY = "DATASETS.COCO_INSTANCES"
 _LVIS_CFG_KEY = "DATASETS.LVIS_INSTANCES"
 
@@ -59,8 +63,8 @@ def _shapes_loader(root: str, name: str):
     def load() -> list[dict]:
         return _load_shapes(root, name)
 
-    # Lets the validating loader (validation.py) read the same file itself, after generating it if needed.
-    setattr(load, COCO_SOURCE, (*shapes_dataset_paths(root, SHAPES_SPLITS[name]), lambda: _ensure_shapes(root, name)))
+    # The validating loader (validation.py) reads the registered JSON file itself: it generates it first.
+    setattr(load, PREPARE, lambda: _ensure_shapes(root, name))
     return load
 
 
@@ -249,3 +253,79 @@ def class_image_count(dataset_name: str, num_classes: int) -> list[dict]:
                 )
             counts[category] += 1
     return [{"id": k + 1, "image_count": n} for k, n in enumerate(counts)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The checks of validation.py installed in the DatasetCatalog
+
+_ORIGINAL = "_diffusioninst_original_loader"
+
+
+def check_num_classes(dataset_name: str, options: ValidationOptions) -> None:
+    """NUM_CLASSES must equal the dataset's number of categories (its metadata's ``thing_classes``)."""
+    meta = MetadataCatalog.get(dataset_name)
+    classes = meta.get("thing_classes")
+    if options.num_classes is None or classes is None or len(classes) == options.num_classes:
+        return
+    source = f" ({meta.json_file})" if meta.get("json_file") else ""
+    raise DatasetValidationError(
+        f"dataset {dataset_name!r}{source} has {len(classes)} categories but {NUM_CLASSES_KEY} is "
+        f"{options.num_classes}; set {NUM_CLASSES_KEY} {len(classes)} (in the config or on the command line), or fix "
+        "the dataset's categories")
+
+
+def load_validated(name: str, loader: Callable[[], Any], options: ValidationOptions) -> list[dict]:
+    """Load dataset ``name`` (whose registered loader is ``loader``) with the checks of ``options``."""
+    meta = MetadataCatalog.get(name)
+    if getattr(loader, PREPARE, None) is not None:
+        getattr(loader, PREPARE)()
+    if meta.get("evaluator_type") == "coco" and meta.get("json_file") and meta.get("image_root"):
+        records = load_coco_checked(meta.json_file, meta.image_root, name, options)  # register_coco_instances
+    else:
+        try:
+            loaded = loader()
+        except FileNotFoundError:
+            json_file = meta.get("json_file")
+            if json_file and "://" not in json_file and not os.path.isfile(json_file):
+                read_json(json_file, f"dataset {name!r}")  # raises the message that says where the file is looked for
+            raise
+        records = validate_records(loaded, name, options)
+    check_num_classes(name, options)
+    if options.is_train and meta.get("class_image_count") is None and options.num_classes is not None:
+        counts = [0] * options.num_classes  # images of each class, for the federated loss
+        for record in records:
+            for k in {a["category_id"] for a in record.get("annotations", ()) if not a.get("iscrowd", 0)}:
+                counts[k] += 1
+        meta.class_image_count = [{"id": k + 1, "image_count": n} for k, n in enumerate(counts)]
+    return records
+
+
+def install_validating_loaders(cfg) -> list[str]:
+    """Replace the DatasetCatalog loaders of ``cfg.DATASETS.TRAIN`` and ``TEST`` by validating ones; calling it again
+    re-wraps the original loaders. Unregistered names are left for detectron2 to report. Returns the wrapped names."""
+    train, test = [str(n) for n in cfg.DATASETS.TRAIN], [str(n) for n in cfg.DATASETS.TEST]
+    model = cfg.MODEL.get("DiffusionInst")
+    num_classes = int(model.NUM_CLASSES) if model is not None and "NUM_CLASSES" in model else None
+    checked_tests: set = set()
+    wrapped = []
+    for name in dict.fromkeys(train + test):
+        if name not in DatasetCatalog.list():
+            continue
+        original = getattr(DatasetCatalog[name], _ORIGINAL, DatasetCatalog[name])
+        options = ValidationOptions(num_classes, bool(cfg.DATASETS.get("SKIP_INVALID", False)),
+                                    bool(cfg.DATASETS.get("CHECK_IMAGE_FILES", True)), is_train=name in train)
+
+        def load(name=name, original=original, options=options):
+            records = load_validated(name, original, options)
+            if options.is_train:  # a broken test set fails now, not at the first evaluation
+                for test_name in test:
+                    if test_name not in train and test_name not in checked_tests and test_name in DatasetCatalog.list():
+                        DatasetCatalog.get(test_name)
+                        checked_tests.add(test_name)
+            return records
+
+        setattr(load, _ORIGINAL, original)
+        DatasetCatalog.remove(name)
+        DatasetCatalog.register(name, load)
+        wrapped.append(name)
+    return wrapped
