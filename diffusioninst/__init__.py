@@ -8,7 +8,7 @@ from . import compat
 compat.apply()
 
 from .checkpoint import DiffusionInstCheckpointer, load_weights  # noqa: E402
-from .config import ConfigError, add_diffusioninst_config, check_config, merge_config  # noqa: E402
+from .config import ConfigError, add_diffusioninst_config, check_config, get_diffusioninst_cfg, merge_config  # noqa: E402,E501
 from .data import DiffusionInstDatasetMapper, register_datasets_from_cfg  # noqa: E402
 from .modeling.backbone import swin  # noqa: E402,F401  (registers build_swin_fpn_backbone)
 from .modeling.meta_arch import DiffusionInst  # noqa: E402
@@ -17,6 +17,7 @@ from .solver import build_optimizer  # noqa: E402
 __all__ = [
     "add_diffusioninst_config",
     "check_config",
+    "get_diffusioninst_cfg",
     "ConfigError",
     "DiffusionInstCheckpointer",
     "load_weights",

@@ -1,12 +1,11 @@
-"""Config defaults for DiffusionInst; every key the model, data and training code reads lives here.
-
-Also :func:`merge_config` (YAML file + command-line overrides, with errors naming the file, the key and the
-closest valid key) and :func:`check_config` (values the model cannot run with, rejected before building).
+"""Config defaults for DiffusionInst (every key the model, data and training code reads), :func:`merge_config` (YAML
+file and command-line overrides, each key and value checked first so that errors name the file, the key, the closest
+valid key and the type expected) and :func:`check_config` (values the model cannot run with, refused before building).
 """
+import ast
 import difflib
 import os
-import re
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import yaml
 from detectron2.config import CfgNode as CN
@@ -177,156 +176,142 @@ def _did_you_mean(key: str, valid: Sequence[str]) -> str:
     return f"; did you mean {match[0]}?" if match else ""
 
 
-def _config_chain(config_file: str) -> List[str]:
-    """The YAML files that make up ``config_file``: its ``_BASE_`` files (recursively) first, then itself.
-
-    Paths are resolved as fvcore resolves them; files that cannot be read are left out (the merge reports them).
-    """
+def _read_yaml(path: str) -> dict:
+    """A config file's mapping of keys; errors name the file."""
     try:
-        data = _read_yaml(config_file)
-    except Exception:
-        return [config_file]
-    bases = data.get("_BASE_") if isinstance(data, dict) else None
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f)
+            except yaml.constructor.ConstructorError:  # detectron2 allows unsafe YAML in its configs
+                f.seek(0)
+                data = yaml.unsafe_load(f)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file {path} cannot be used as a detectron2 config: it holds a "
+                          f"{type(data).__name__}, not a mapping of keys")
+    return data or {}
+
+
+def _config_chain(config_file: str) -> List[Tuple[str, dict]]:
+    """``(path, mapping)`` of the YAML files that make up ``config_file``: its ``_BASE_`` files (recursively) first,
+    then itself; paths resolved as detectron2 resolves them."""
+    data = _read_yaml(config_file)
+    bases = data.get("_BASE_")
     chain = []
     for base in [bases] if isinstance(bases, str) else list(bases or []):
         base = os.path.expanduser(base)
         if not base.startswith(("/", "https://", "http://")):
             base = os.path.join(os.path.dirname(config_file), base)
+        if not os.path.isfile(base):
+            raise ConfigFileNotFoundError(f"config file {config_file}: a file it inherits (_BASE_) is missing: {base}")
         chain += _config_chain(base)
-    return chain + [config_file]
+    return chain + [(config_file, data)]
 
 
-def _read_yaml(path: str):
-    with open(path) as f:
-        try:
-            return yaml.safe_load(f)
-        except yaml.constructor.ConstructorError:  # detectron2 allows unsafe YAML in its configs
-            f.seek(0)
-            return yaml.unsafe_load(f)
+def _decode(value: Any) -> Any:
+    """A config value as yacs reads it (from YAML or the command line): a Python literal where a string parses as
+    one, else the value itself."""
+    try:
+        return ast.literal_eval(value) if isinstance(value, str) else value
+    except (ValueError, SyntaxError):
+        return value
 
 
-def _files_setting(config_file: str, key: str) -> List[str]:
-    """The files of ``config_file``'s chain that set ``key`` (dotted), last one (the one that wins) last."""
-    found = []
-    for path in _config_chain(config_file):
-        try:
-            node = _read_yaml(path)
-        except Exception:
-            continue
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                break
-            node = node[part]
-        else:
-            found.append(path)
-    return found
-
-
-_TYPE_MISMATCH = re.compile(r"Type mismatch \((.*?) vs\. (.*?)\) with values \((.*) vs\. (.*)\) for config key: (\S+)")
-
-
-def _type_name(type_repr: str) -> str:
-    match = re.match(r"<class '(.*)'>", type_repr)
-    return match.group(1).rsplit(".", 1)[-1] if match else type_repr
-
-
-def _explain_type_mismatch(message: str, source: str) -> Optional[str]:
-    match = _TYPE_MISMATCH.search(message)
-    if not match:
+def _type_problem(key: str, default: Any, value: Any, source: str) -> Optional[str]:
+    """Why yacs would refuse ``value`` for ``key`` (same type, None, or tuple <-> list are accepted), or None."""
+    if type(value) is type(default) or value is None or default is None or (
+            isinstance(value, (tuple, list)) and isinstance(default, (tuple, list))):
         return None
-    expected, got, default, value, key = match.groups()
-    expected, got = _type_name(expected), _type_name(got)
+    expected, got = type(default).__name__, type(value).__name__
     hint = ""
     if expected == "float" and got == "int":
         hint = f"; write it as a float, e.g. {value}.0"
-    elif expected in ("tuple", "list") and got in ("int", "float", "str"):
+    elif expected in ("tuple", "list"):
         hint = f"; write a list, e.g. ({value},) in YAML or \"({value},)\" on the command line"
-    elif expected == "str" and got != "str":
+    elif expected == "str":
         hint = "; quote it"
     article = "an" if expected[:1] in "aeiou" else "a"
     return f"{key} must be {article} {expected} (it is {default}) but {source} gives the {got} {value}{hint}"
 
 
+def _check_value(cfg: CN, key: str, value: Any, source: str, valid: Sequence[str]) -> None:
+    """Refuse an unknown key (naming the closest valid one), a group given one value, or a value of the wrong type."""
+    if cfg.key_is_deprecated(key) or cfg.key_is_renamed(key):
+        return  # detectron2 skips deprecated keys and explains renamed ones itself
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, CN) or part not in node:
+            where = f"command-line override {key} is not a config key" if source == "the command line" else \
+                f"unknown config key {key} in {source}"
+            raise UnknownConfigKeyError(f"{where}{_did_you_mean(key, valid)}")
+        node = node[part]
+    if isinstance(node, CN):
+        if isinstance(value, dict):
+            for sub, sub_value in value.items():
+                _check_value(cfg, f"{key}.{sub}", sub_value, source, valid)
+            return
+        keys = sorted(node.keys())
+        raise UnknownConfigKeyError(
+            f"{'command-line override ' if source == 'the command line' else ''}{key} is a group of keys, not a key; "
+            f"set one of its keys ({', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}) as {key}.<KEY> VALUE")
+    problem = _type_problem(key, node, _decode(value), source)
+    if problem:
+        raise ConfigError(problem)
+
+
 def merge_config(cfg: CN, config_file: Optional[str] = None, opts: Sequence = ()) -> CN:
-    """``cfg.merge_from_file(config_file)`` then ``cfg.merge_from_list(opts)``, with errors that name the file,
-    the key, the closest valid key, and the type expected. Raises :class:`ConfigError` (unknown keys:
-    :class:`UnknownConfigKeyError`, also a KeyError) or :class:`ConfigFileNotFoundError` for a missing file."""
+    """``cfg.merge_from_file(config_file)`` then ``cfg.merge_from_list(opts)``, after checking every key and value
+    (naming the file that sets it, the closest valid key and the type expected). Raises :class:`ConfigError`
+    (unknown keys: :class:`UnknownConfigKeyError`, also a KeyError) or :class:`ConfigFileNotFoundError`."""
+    valid = config_keys(cfg)
     if config_file:
-        _merge_file(cfg, config_file)
+        if os.path.isdir(config_file):
+            raise ConfigFileNotFoundError(f"config file {config_file!r} is a directory, not a YAML file (--config-file)")
+        if not os.path.isfile(config_file):
+            folder = os.path.dirname(config_file) or "."
+            yamls = [f for f in os.listdir(folder) if f.endswith((".yaml", ".yml"))] if os.path.isdir(folder) else []
+            near = difflib.get_close_matches(os.path.basename(config_file), yamls, n=3, cutoff=0.5)
+            hint = f"; similar files in {folder}: {', '.join(near)}" if near else ""
+            raise ConfigFileNotFoundError(f"config file {config_file!r} does not exist (--config-file){hint}")
+        for path, data in _config_chain(config_file):
+            for key, value in data.items():
+                if key != "_BASE_":
+                    _check_value(cfg, key, value, path, valid)
+        _merge(lambda: cfg.merge_from_file(config_file), f"config file {config_file}")
+    opts = [o if isinstance(o, str) else str(o) for o in opts]
+    flags = [o for o in opts if o.startswith("--")]
+    if flags:
+        raise ConfigError(f"{flags[0]} comes after the KEY VALUE overrides, where it would be read as one; flags come "
+                          f"first: --config-file FILE {flags[0]} ... KEY VALUE ...")
+    if len(opts) % 2:
+        raise ConfigError(f"command-line overrides must be KEY VALUE pairs; {opts[-1]!r} has no value (got "
+                          f"{len(opts)} items)")
+    for key, value in zip(opts[0::2], opts[1::2]):
+        _check_value(cfg, key, value, "the command line", valid)
     if opts:
-        _merge_opts(cfg, [str(o) if not isinstance(o, str) else o for o in opts])
+        _merge(lambda: cfg.merge_from_list(opts), "command-line overrides")
     return cfg
 
 
-def _merge_file(cfg: CN, config_file: str) -> None:
-    if os.path.isdir(config_file):
-        raise ConfigFileNotFoundError(f"config file {config_file!r} is a directory, not a YAML file (--config-file)")
-    if not os.path.isfile(config_file):
-        folder = os.path.dirname(config_file) or "."
-        near = []
-        if os.path.isdir(folder):
-            yamls = [f for f in os.listdir(folder) if f.endswith((".yaml", ".yml"))]
-            near = difflib.get_close_matches(os.path.basename(config_file), yamls, n=3, cutoff=0.5)
-        hint = f"; similar files in {folder}: {', '.join(near)}" if near else ""
-        raise ConfigFileNotFoundError(f"config file {config_file!r} does not exist (--config-file){hint}")
-    valid = config_keys(cfg)
+def _merge(merge, what: str) -> None:
+    """Run detectron2's merge; what the checks above let through is reported with its own message."""
     try:
-        cfg.merge_from_file(config_file)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {config_file} (or one of its _BASE_ files) is not valid YAML: {exc}") from exc
-    except KeyError as exc:
-        message = exc.args[0] if exc.args else str(exc)
-        match = re.match(r"Non-existent config key: (\S+)", str(message))
-        if not match:  # e.g. a renamed key: detectron2's message says what to use instead
-            raise ConfigError(f"config file {config_file}: {message}") from exc
-        key = match.group(1)
-        files = _files_setting(config_file, key) or [config_file]
-        raise UnknownConfigKeyError(
-            f"unknown config key {key} in {files[-1]}{_did_you_mean(key, valid)}"
-        ) from exc
-    except ValueError as exc:
-        match = _TYPE_MISMATCH.search(str(exc))
-        files = _files_setting(config_file, match.group(5)) if match else []
-        text = _explain_type_mismatch(str(exc), files[-1] if files else config_file)
-        raise ConfigError(text or f"config file {config_file}: {exc}") from exc
-    except FileNotFoundError as exc:  # a _BASE_ file
-        raise ConfigFileNotFoundError(
-            f"config file {config_file}: a file it inherits (_BASE_) is missing: {exc}") from exc
-    except (AssertionError, TypeError, AttributeError) as exc:
-        raise ConfigError(f"config file {config_file} cannot be used as a detectron2 config: {exc}") from exc
+        merge()
+    except (KeyError, ValueError, AssertionError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{what} cannot be used as a detectron2 config: {exc}") from exc
 
 
-def _merge_opts(cfg: CN, opts: List[str]) -> None:
-    flags = [o for o in opts if o.startswith("--")]
-    if flags:
-        raise ConfigError(
-            f"{flags[0]} comes after the KEY VALUE overrides, where it would be read as one; flags come first: "
-            f"--config-file FILE {flags[0]} ... KEY VALUE ..."
-        )
-    if len(opts) % 2:
-        raise ConfigError(
-            f"command-line overrides must be KEY VALUE pairs; {opts[-1]!r} has no value (got {len(opts)} items)"
-        )
-    valid = set(config_keys(cfg))
-    for key in opts[0::2]:
-        if key in valid or cfg.key_is_deprecated(key) or cfg.key_is_renamed(key):
-            continue  # detectron2 skips deprecated keys and explains renamed ones in merge_from_list
-        node = cfg
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, CN) else None
-        if isinstance(node, CN):
-            raise UnknownConfigKeyError(
-                f"command-line override {key} is a group of keys, not a key; set one of its keys "
-                f"({', '.join(sorted(node.keys())[:6])}{', ...' if len(node) > 6 else ''}) as {key}.<KEY> VALUE")
-        raise UnknownConfigKeyError(
-            f"command-line override {key} is not a config key{_did_you_mean(key, sorted(valid))}")
-    try:
-        cfg.merge_from_list(opts)
-    except ValueError as exc:
-        text = _explain_type_mismatch(str(exc), "the command line")
-        raise ConfigError(text or f"command-line overrides: {exc}") from exc
-    except (KeyError, AssertionError, TypeError) as exc:
-        raise ConfigError(f"command-line overrides: {exc}") from exc
+def get_diffusioninst_cfg(config_file: Optional[str] = None, opts: Sequence = ()) -> CN:
+    """detectron2's defaults, DiffusionInst's keys, ``config_file`` and the ``KEY VALUE`` overrides, checked (not
+    frozen); the config every tool builds from its command line."""
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_diffusioninst_config(cfg)
+    merge_config(cfg, config_file, opts)
+    check_config(cfg)
+    return cfg
 
 
 def check_config(cfg: CN) -> None:

@@ -1,23 +1,27 @@
-"""Training/evaluation pieces used by tools/train_net.py: stop on a non-finite loss with the terms named, explain
-CUDA out-of-memory errors, keep every finished evaluation on disk, never evaluate a failed run as final, and the
-mixed-precision training step (float16 or bfloat16)."""
+"""The training engine under tools/train_net.py: :class:`DiffusionInstTrainer` (detectron2's DefaultTrainer with
+atomic checkpoints, model EMA, mixed precision in float16 or bfloat16, a stop on a non-finite loss with the terms
+named, explained CUDA out-of-memory errors and every finished evaluation kept on disk) and its pieces."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import logging
 import math
 import os
 import time
+import weakref
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
-from detectron2.engine import hooks
+from detectron2.engine import DefaultTrainer, hooks
 from detectron2.utils import comm
 from torch import nn
 
 from .errors import UserError
 
 __all__ = [
+    "DiffusionInstTrainer",
     "EvalHook",
     "amp_grad_scaler",
     "mixed_precision_step",
@@ -192,3 +196,88 @@ def training_amp_dtype(cfg: Any) -> Optional[torch.dtype]:
 def amp_grad_scaler(dtype: torch.dtype, device_type: str) -> torch.amp.GradScaler:
     """The loss scaler of mixed-precision training: active for float16 on CUDA, a pass-through otherwise."""
     return torch.amp.GradScaler("cuda", enabled=dtype == torch.float16 and device_type == "cuda")
+
+
+class DiffusionInstTrainer(DefaultTrainer):
+    """DefaultTrainer with atomic checkpoints (that record the model's architecture and refuse a resume into another),
+    model EMA (``MODEL_EMA``), mixed precision in float16 or bfloat16 (``SOLVER.AMP``), a non-finite-loss check,
+    explained out-of-memory errors, and every evaluation saved to ``OUTPUT_DIR/<results_dir>/<dataset>/results.json``.
+    tools/train_net.py adds DiffusionInst's data, optimizer and evaluators."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.amp_dtype = training_amp_dtype(cfg)
+        if self.amp_dtype is not None:
+            self._trainer.grad_scaler = amp_grad_scaler(self.amp_dtype, torch.device(cfg.MODEL.DEVICE).type)
+        me = weakref.proxy(self)  # no reference cycle through the model's forward hook
+        self.loss_check = LossCheck(self._trainer.model, lambda: me.iter, lambda: me.last_checkpoint())
+
+    def last_checkpoint(self) -> str:
+        return self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else ""
+
+    def train(self):
+        """A run killed between its last periodic checkpoint and model_final resumes with no iteration left:
+        model_final is then written from the restored state, before the final evaluation."""
+        if self.start_iter >= self.max_iter and not os.path.isfile(os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")):
+            self.checkpointer.save("model_final", iteration=self.max_iter - 1)
+        return super().train()
+
+    def run_step(self):
+        self._trainer.iter = self.iter
+        try:
+            if self.amp_dtype is None:
+                self._trainer.run_step()
+            else:  # detectron2's AMPTrainer step, with SOLVER.AMP.DTYPE
+                mixed_precision_step(self._trainer, self.amp_dtype, torch.device(self.cfg.MODEL.DEVICE).type)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise out_of_memory_error(self.cfg, "training", exc, self.iter, self.last_checkpoint()) from exc
+
+    def state_dict(self):
+        """Also the optimizer and AMP scaler state, which v0.6's DefaultTrainer leaves out of checkpoints."""
+        return {"_trainer": self._trainer.state_dict(), **super().state_dict()}
+
+    def load_state_dict(self, state_dict):
+        from .checkpoint import check_optimizer_state
+
+        if "_trainer" in state_dict:  # optimizer state that does not fit the parameters is refused, not loaded
+            check_optimizer_state(self.optimizer, state_dict["_trainer"].get("optimizer"))
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        super().load_state_dict(state_dict)
+
+    def build_hooks(self):
+        """Default hooks with the atomic checkpointer (DefaultTrainer.__init__ builds its own just before this);
+        with MODEL_EMA.ENABLED the EMA is updated before checkpoints and used to evaluate."""
+        from .checkpoint import DiffusionInstCheckpointer, architecture
+        from .ema import EMAHook, ModelEMA
+
+        self.checkpointer = DiffusionInstCheckpointer(
+            self._trainer.model, self.cfg.OUTPUT_DIR, allow_pickle=self.cfg.MODEL.WEIGHTS_ALLOW_PICKLE,
+            architecture=architecture(self.cfg), trainer=weakref.proxy(self))
+        ret, self.model_ema = super().build_hooks(), None
+        if self.cfg.MODEL_EMA.ENABLED:
+            self.model_ema = ModelEMA(self.model, self.cfg.MODEL_EMA.DECAY, self.cfg.MODEL_EMA.DEVICE)
+            self.checkpointer.add_checkpointable("model_ema", self.model_ema)
+            ret.insert(2, EMAHook(self.model_ema, self.model))  # right after the LR scheduler, before checkpoints
+        return [EvalHook(self.cfg.TEST.EVAL_PERIOD, self.evaluate) if isinstance(h, hooks.EvalHook) else h
+                for h in ret]
+
+    def evaluate(self):
+        """Evaluation during and after training (with the EMA weights if enabled), saved with the iteration."""
+        with self.model_ema.apply_to(self.model) if self.model_ema is not None else contextlib.nullcontext():
+            self._last_eval_results = self.test(self.cfg, self.model, iteration=min(self.iter, self.max_iter - 1),
+                                                ema=self.model_ema is not None)
+        return self._last_eval_results
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None, *, results_dir: str = "inference", **info):
+        """DefaultTrainer.test, with the metrics (and ``info``: iteration, weights) saved to
+        OUTPUT_DIR/<results_dir>/<dataset>/results.json and out-of-memory errors explained."""
+        try:
+            results = super().test(cfg, model, evaluators)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise out_of_memory_error(cfg, "evaluation", exc) from exc
+        if comm.is_main_process() and cfg.DATASETS.TEST:
+            per_dataset = {cfg.DATASETS.TEST[0]: results} if len(cfg.DATASETS.TEST) == 1 else results
+            for path in save_eval_results(per_dataset, os.path.join(cfg.OUTPUT_DIR, results_dir), **info):
+                logging.getLogger("diffusioninst").info("Evaluation results saved to %s", path)
+        return results

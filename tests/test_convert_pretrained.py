@@ -7,7 +7,6 @@ Swin model is reset to a sentinel before each load, so equal values cannot arise
 """
 from __future__ import annotations
 
-import importlib.util
 import pickle
 import re
 import shlex
@@ -45,11 +44,10 @@ SWIN_T_OPTS = (
 
 
 def _tool():
-    """``tools/convert_pretrained.py`` imported as a module, to run its ``main`` in-process."""
-    spec = importlib.util.spec_from_file_location("convert_pretrained", ROOT / "tools" / "convert_pretrained.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """``tools/convert_pretrained.py``, whose ``main(argv)`` is the command line."""
+    from tools import convert_pretrained
+
+    return convert_pretrained
 
 
 def _perturbed_state(model: nn.Module, seed: int) -> Dict[str, torch.Tensor]:

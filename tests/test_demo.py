@@ -1,7 +1,6 @@
 """tools/demo.py end to end with a tiny randomly initialised model: image folders, globs, single files, videos."""
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import cv2
@@ -9,12 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONFIGS, ROOT, TINY_OPTS
+from conftest import CONFIGS, TINY_OPTS
 from diffusioninst.data import generate_shapes_dataset, shapes_dataset_paths
 
-_spec = importlib.util.spec_from_file_location("diffusioninst_demo", ROOT / "tools" / "demo.py")
-demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(demo)
+from tools import demo  # noqa: E402  (its main(argv) is the command line)
 
 # Random weights (MODEL.WEIGHTS ""), small inputs; threshold 0 so that masks, boxes and labels are drawn.
 OPTS = [str(o) for o in TINY_OPTS] + ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96", "MODEL.WEIGHTS", ""]

@@ -2,7 +2,6 @@
 random moments followed by --resume (nothing lost, every checkpoint readable)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -15,16 +14,10 @@ import time
 
 import pytest
 import torch
-from torch import nn
 
 from conftest import CONFIGS, ROOT, TINY_OPTS
-from diffusioninst.engine import NonFiniteLossError
 
 CONFIG = str(CONFIGS / "diffinst.shapes.res18.cpu.yaml")
-TRAIN_NET = str(ROOT / "tools" / "train_net.py")
-_spec = importlib.util.spec_from_file_location("train_net_reliability", TRAIN_NET)
-train_net = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_net)
 
 
 def command(output_dir, *opts, flags=()) -> list:
@@ -33,38 +26,36 @@ def command(output_dir, *opts, flags=()) -> list:
         "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "2", "SOLVER.BASE_LR", "0.0002", "TEST.EVAL_PERIOD", "0",
         "OUTPUT_DIR", str(output_dir),
     ]
-    return [sys.executable, TRAIN_NET, "--config-file", CONFIG, *flags, *base, *[str(o) for o in opts]]
+    return [sys.executable, str(ROOT / "tools" / "train_net.py"), "--config-file", CONFIG, *flags, *base,
+            *[str(o) for o in opts]]
 
 
 @pytest.fixture
-def make_cfg(shapes_root, monkeypatch):
+def train_net_main(shapes_root, monkeypatch):
+    """``tools/train_net.py``'s main(argv) in this process (so that a test can inject a fault), on the shapes data."""
     monkeypatch.setenv("DETECTRON2_DATASETS", shapes_root)
+    from tools import train_net
 
-    def make(output_dir, *opts, flags=()):
-        args = train_net.get_parser().parse_args(command(output_dir, *opts, flags=flags)[2:])
-        return train_net.setup(args), args
-
-    return make
+    return lambda output_dir, *opts, flags=(): train_net.main(command(output_dir, *opts, flags=flags)[2:])
 
 
-def test_nan_loss_stops_with_iteration_and_term_named_and_keeps_the_last_checkpoint(tmp_path, make_cfg):
-    cfg, _ = make_cfg(tmp_path, "SOLVER.MAX_ITER", 6, "SOLVER.CHECKPOINT_PERIOD", 2)
-    trainer = train_net.Trainer(cfg)
-    trainer.resume_or_load(resume=False)
-    criterion = trainer.model.criterion
-    original = criterion.forward
+def test_nan_loss_stops_with_iteration_and_term_named_and_keeps_the_last_checkpoint(tmp_path, train_net_main,
+                                                                                     monkeypatch, capsys):
+    from diffusioninst.modeling.criterion import SetCriterion
 
-    def poisoned(*args, **kwargs):  # the loss diverges in the last iteration
-        losses = original(*args, **kwargs)
-        if trainer.iter == 5:
+    original, calls = SetCriterion.forward, []
+
+    def poisoned(self, *args, **kwargs):  # the loss diverges in the last iteration (the sixth training forward)
+        losses = original(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 6:
             losses["loss_giou"] = losses["loss_giou"] + float("inf")
         return losses
 
-    criterion.forward = poisoned
-    with pytest.raises(NonFiniteLossError) as info:
-        trainer.train()
-    text = str(info.value)
-    assert "Non-finite loss at iteration 5: loss_giou=inf" in text and "loss_ce=" in text  # finite terms listed
+    monkeypatch.setattr(SetCriterion, "forward", poisoned)
+    assert train_net_main(tmp_path, "SOLVER.MAX_ITER", 6, "SOLVER.CHECKPOINT_PERIOD", 2) == 1
+    text = capsys.readouterr().err.strip().splitlines()[-1]  # one line, no traceback
+    assert text.startswith("train_net.py: error: Non-finite loss at iteration 5: loss_giou=inf") and "loss_ce=" in text
     assert f"The last checkpoint, {tmp_path / 'model_0000003.pth'}, was written before this and is intact" in text
     assert "--resume" in text and "SOLVER.BASE_LR" in text
     # No checkpoint of the failed state, no final checkpoint, and no "final" evaluation of the failed run.
@@ -75,20 +66,21 @@ def test_nan_loss_stops_with_iteration_and_term_named_and_keeps_the_last_checkpo
     assert saved["iteration"] == 3 and all(torch.isfinite(v).all() for v in saved["model"].values())
 
 
-def test_out_of_memory_in_training_names_the_keys_to_change(tmp_path, make_cfg):
-    cfg, _ = make_cfg(tmp_path, "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2)
-    trainer = train_net.Trainer(cfg)
-    trainer.resume_or_load(resume=False)
-    original = trainer._trainer.run_step
+def test_out_of_memory_in_training_names_the_keys_to_change(tmp_path, train_net_main, monkeypatch):
+    from diffusioninst.modeling.meta_arch import DiffusionInst
 
-    def run_step():
-        if trainer.iter == 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        original()
+    original, calls = DiffusionInst.forward, []
 
-    trainer._trainer.run_step = run_step
+    def forward(self, batched_inputs):
+        if self.training:
+            calls.append(1)
+            if len(calls) == 3:  # iteration 2
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, batched_inputs)
+
+    monkeypatch.setattr(DiffusionInst, "forward", forward)
     with pytest.raises(torch.cuda.OutOfMemoryError) as info:
-        trainer.train()
+        train_net_main(tmp_path, "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2)
     text = str(info.value)
     for expected in ("CUDA ran out of memory during training (iteration 2)",
                      "SOLVER.IMS_PER_BATCH (now 2, 2 per GPU)", "INPUT.MAX_SIZE_TRAIN (now 160)",
@@ -99,15 +91,21 @@ def test_out_of_memory_in_training_names_the_keys_to_change(tmp_path, make_cfg):
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
 
 
-class _OutOfMemoryModel(nn.Module):
-    def forward(self, inputs):
+def test_out_of_memory_in_evaluation_names_the_keys_to_change(tmp_path, train_net_main, monkeypatch):
+    from detectron2.modeling import build_model
+
+    from conftest import tiny_cfg
+    from diffusioninst.modeling.meta_arch import DiffusionInst
+
+    weights = tmp_path / "model.pth"
+    torch.save({"model": build_model(tiny_cfg()).state_dict()}, weights)
+
+    def inference(self, *args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")
 
-
-def test_out_of_memory_in_evaluation_names_the_keys_to_change(tmp_path, make_cfg):
-    cfg, _ = make_cfg(tmp_path)
+    monkeypatch.setattr(DiffusionInst, "inference", inference)
     with pytest.raises(torch.cuda.OutOfMemoryError) as info:
-        train_net.Trainer.test(cfg, _OutOfMemoryModel())
+        train_net_main(tmp_path / "eval", "MODEL.WEIGHTS", weights, flags=["--eval-only"])
     text = str(info.value)
     for expected in ("CUDA ran out of memory during evaluation", "INPUT.MAX_SIZE_TEST (now 160)",
                      "INPUT.MIN_SIZE_TEST (now 96)", "MODEL.DiffusionInst.NUM_PROPOSALS (now 20)",
@@ -115,24 +113,20 @@ def test_out_of_memory_in_evaluation_names_the_keys_to_change(tmp_path, make_cfg
         assert expected in text, (expected, text)
 
 
-def test_every_evaluation_is_saved_as_json(tmp_path, make_cfg):
+def test_every_evaluation_is_saved_as_json(tmp_path, train_net_main):
     train_dir, eval_dir = tmp_path / "train", tmp_path / "eval"
-    cfg, _ = make_cfg(train_dir, "SOLVER.MAX_ITER", 2, "SOLVER.CHECKPOINT_PERIOD", 100, "TEST.EVAL_PERIOD", 1)
-    trainer = train_net.Trainer(cfg)
-    trainer.resume_or_load(resume=False)
-    trainer.train()
-    final = trainer._last_eval_results
+    assert train_net_main(train_dir, "SOLVER.MAX_ITER", 2, "SOLVER.CHECKPOINT_PERIOD", 100, "TEST.EVAL_PERIOD", 1) == 0
     folder = train_dir / "inference" / "shapes_val"
     latest = json.loads((folder / "results.json").read_text())
     assert latest["dataset"] == "shapes_val" and latest["iteration"] == 1 and latest["ema"] is False
     assert set(latest["results"]) == {"bbox", "segm"} and "AP" in latest["results"]["segm"]
-    ap = final["segm"]["AP"]
-    assert latest["results"]["segm"]["AP"] == (ap if math.isfinite(ap) else None)  # NaN -> null (strict JSON)
+    ap = latest["results"]["segm"]["AP"]
+    assert ap is None or math.isfinite(ap)  # NaN is written as null (strict JSON)
     history = [json.loads(line) for line in (folder / "results_history.jsonl").read_text().splitlines()]
     assert [h["iteration"] for h in history] == [0, 1]  # the periodic evaluation and the final one
+    assert history[-1]["results"] == latest["results"]
 
-    cfg, args = make_cfg(eval_dir, "MODEL.WEIGHTS", train_dir / "model_final.pth", flags=["--eval-only"])
-    train_net.evaluate(cfg, args)
+    assert train_net_main(eval_dir, "MODEL.WEIGHTS", train_dir / "model_final.pth", flags=["--eval-only"]) == 0
     record = json.loads((eval_dir / "inference" / "shapes_val" / "results.json").read_text())
     assert record["weights"] == str(train_dir / "model_final.pth") and "iteration" not in record
     assert record["results"] == latest["results"]  # same weights, seeded inference: same metrics
