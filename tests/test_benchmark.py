@@ -1,7 +1,7 @@
-"""tools/benchmark.py smoke tests on the tiny shapes model: structure and sanity of the results, not speed."""
+"""The benchmark (diffusioninst.benchmark, tools/benchmark.py) on the tiny shapes model: structure and sanity of the
+results, not speed."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -13,13 +13,11 @@ import torch
 from detectron2.modeling import build_model
 
 from conftest import CONFIGS, ROOT, TINY_OPTS, tiny_cfg
+from diffusioninst import benchmark as bench
 from diffusioninst.modeling.meta_arch import DiffusionInst
 
 CONFIG = str(CONFIGS / "diffinst.shapes.res18.cpu.yaml")
 BENCHMARK = str(ROOT / "tools" / "benchmark.py")
-_spec = importlib.util.spec_from_file_location("benchmark", BENCHMARK)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
 
 EXPECTED_CASES = {("ours", 1), ("ours", 2), ("original", 1)}
 
@@ -118,8 +116,8 @@ def test_instrumentation_is_removed_after_the_call(one_thread):
     torch.manual_seed(0)
     cfg = tiny_cfg()
     model = build_model(cfg).eval()
-    ref = bench.load_reference()
-    from diffusioninst.modeling import postprocess as meta_arch  # where inference's mask helpers live
+    from diffusioninst.modeling import postprocess as meta_arch
+    from diffusioninst.original_release import inference as ref  # the module whose helpers are wrapped  # where inference's mask helpers live
 
     before = (meta_arch.DynamicMaskWindows.window, meta_arch.masks_to_image, ref.head_forward, ref.stage_forward)
     cases = bench.inference_cases(model, cfg, bench.random_images(1, (64, 96)), ["ours", "original"], [1])
@@ -137,7 +135,7 @@ def test_instrumentation_is_removed_after_the_call(one_thread):
 
 def test_train_mode_times_both_impls_interleaved_on_the_same_batch(one_thread, monkeypatch):
     """--mode train --impl both: ours and the original alternate, each on the same inputs; table and speed-up."""
-    ref = bench.load_reference()
+    from diffusioninst import original_release as ref
     order, batches = [], []
     original_forward = ref.original_training_forward
     ours_forward = DiffusionInst.forward
