@@ -16,6 +16,8 @@ from conftest import CONFIGS, ROOT, TINY_OPTS, tiny_cfg
 from diffusioninst import benchmark as bench
 from diffusioninst.modeling.meta_arch import DiffusionInst
 
+pytestmark = pytest.mark.slow  # runs the benchmark end to end
+
 CONFIG = str(CONFIGS / "diffinst.shapes.res18.cpu.yaml")
 BENCHMARK = str(ROOT / "tools" / "benchmark.py")
 

@@ -146,6 +146,7 @@ def test_name_matches_contents(name):
         assert cfg.TEST.DETECTIONS_PER_IMAGE == 100  # COCO AP uses up to 100
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALL_CONFIGS)
 def test_builds_model(name):
     cfg = _cfg(name)

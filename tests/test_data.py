@@ -246,6 +246,7 @@ def test_shapes_are_registered_on_import():
     assert MetadataCatalog.get("shapes_val").evaluator_type == "coco"
 
 
+@pytest.mark.slow
 def test_shapes_catalog_generates_on_first_get(shapes_in_tmp_root):
     root = shapes_in_tmp_root
     assert not os.path.exists(root), "registration must not generate anything"

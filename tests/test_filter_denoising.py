@@ -189,6 +189,7 @@ def test_batch_equals_per_image_with_filters(variant):
         torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_both_variants_train_on_shapes_and_predict_valid_instances(variant, shapes_root, monkeypatch):
     monkeypatch.setenv("DETECTRON2_DATASETS", shapes_root)

@@ -1,10 +1,14 @@
 """tools/install.py is idempotent: run again in an installed environment, it changes nothing and says why."""
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import sys
 
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # runs the installer and fresh interpreters
 
 
 def _freeze() -> list:

@@ -149,6 +149,7 @@ def test_wrong_class_ids_are_named():
         model([{"image": _image(96, 128, 0), "instances": inst}])
 
 
+@pytest.mark.slow
 def test_training_on_shapes_decreases_loss(shapes_root, monkeypatch):
     """Images of different sizes, some without instances: the loss falls over a few dozen iterations."""
     monkeypatch.setenv("DETECTRON2_DATASETS", shapes_root)
@@ -236,6 +237,7 @@ def test_channels_last_matches_contiguous():
     _assert_same_instances(got, expected)
 
 
+@pytest.mark.slow
 def test_compiled_backbone_at_inference_only(monkeypatch):
     """TEST.COMPILE: inference runs torch.compile's backbone (here its eager backend: the wiring, not inductor's
     code generation); training and state_dict use the module itself; copies drop the compiled wrapper."""

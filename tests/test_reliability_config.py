@@ -138,6 +138,7 @@ def _cli(tool, *args):
                           timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
+@pytest.mark.slow
 def test_command_lines_exit_with_the_message_and_no_traceback(tmp_path):
     proc = _cli("train_net.py", "--config-file", SHAPES, "MODEL.DiffusionInst.NUM_PROPOSAL", "10",
                 "OUTPUT_DIR", str(tmp_path))

@@ -45,6 +45,7 @@ def _crafted(tmp_path, suffix: str):
     return path, marker
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".pkl", ".pth"])
 def test_crafted_weights_files_run_nothing(tmp_path, suffix):
     path, marker = _crafted(tmp_path, suffix)

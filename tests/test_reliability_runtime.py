@@ -17,6 +17,8 @@ import torch
 
 from conftest import CONFIGS, ROOT, TINY_OPTS
 
+pytestmark = pytest.mark.slow  # each test trains through tools/train_net.py
+
 CONFIG = str(CONFIGS / "diffinst.shapes.res18.cpu.yaml")
 
 

@@ -112,6 +112,7 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
+@pytest.mark.slow
 def test_parallel_forward_works_in_a_forked_child():
     # A fresh interpreter: libgomp itself hangs in a child forked after the parent ran an OpenMP region.
     done = subprocess.run([sys.executable, "-c", FORK_SCRIPT], cwd=ROOT, timeout=60, capture_output=True, text=True)
@@ -136,6 +137,7 @@ print(added, in_worker, torch.get_num_threads())
 """
 
 
+@pytest.mark.slow
 def test_workers_start_no_openmp_teams_of_their_own():
     """More OpenMP threads than CPUs make libgomp stop spinning between parallel regions (slow small ops)."""
     done = subprocess.run([sys.executable, "-c", THREADS_SCRIPT], cwd=ROOT, timeout=60, capture_output=True, text=True)

@@ -32,6 +32,7 @@ def _steady_allocation_faults(mode: str):
     return kept, int(faults)
 
 
+@pytest.mark.slow
 def test_freed_memory_is_reused_without_page_faults():
     kept, faults = _steady_allocation_faults("keep")
     if kept != "True":
@@ -53,6 +54,7 @@ def test_configure_runtime_follows_the_key_and_device(monkeypatch, device, enabl
     assert len(calls) == int(applies)
 
 
+@pytest.mark.slow
 def test_importing_the_package_tunes_nothing():
     """No allocator setting, no OpenMP call, no fork hook and no ctypes outside runtime.py happen at import time."""
     script = textwrap.dedent("""

@@ -1,6 +1,8 @@
 """tools/train_net.py end to end on a small shapes dataset: train + evaluate, --eval-only, kill and --resume, 2 processes."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import shutil
@@ -38,6 +40,7 @@ def predictions(output_dir) -> list:
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_train_evaluate_then_eval_only_reproduces(tmp_path, shapes_root):
     train_dir, eval_dir = tmp_path / "train", tmp_path / "eval"
     log = run(command(train_dir, "SOLVER.MAX_ITER", 6, "SOLVER.CHECKPOINT_PERIOD", 3, "MODEL_EMA.ENABLED", True), shapes_root)
@@ -58,6 +61,7 @@ def test_train_evaluate_then_eval_only_reproduces(tmp_path, shapes_root):
     assert evaluated == trained
 
 
+@pytest.mark.slow
 def test_kill_then_resume_restores_state_and_finishes(tmp_path, shapes_root):
     out = tmp_path / "run"
     opts = ["SOLVER.MAX_ITER", 400, "SOLVER.CHECKPOINT_PERIOD", 4, "MODEL_EMA.ENABLED", True]
@@ -100,6 +104,7 @@ def test_kill_then_resume_restores_state_and_finishes(tmp_path, shapes_root):
     assert (out / "model_final.pth").exists()
 
 
+@pytest.mark.slow
 def test_two_process_cpu_training_and_evaluation(tmp_path, shapes_root):
     out = tmp_path / "ddp"
     log = run(command(out, "SOLVER.MAX_ITER", 3, "SOLVER.CHECKPOINT_PERIOD", 100, flags=["--num-gpus", "2"]),
@@ -110,12 +115,14 @@ def test_two_process_cpu_training_and_evaluation(tmp_path, shapes_root):
     assert len({p["image_id"] for p in predictions(out)}) == 4  # both ranks' images were gathered
 
 
+@pytest.mark.slow
 def test_float16_amp_on_cpu_is_refused_with_the_key_named(tmp_path, shapes_root):
     env = dict(os.environ, DETECTRON2_DATASETS=shapes_root)
     proc = subprocess.run(command(tmp_path, "SOLVER.AMP.ENABLED", True), env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and "SOLVER.AMP.ENABLED" in proc.stderr and "SOLVER.AMP.DTYPE bfloat16" in proc.stderr
 
 
+@pytest.mark.slow
 def test_bfloat16_training_on_cpu(tmp_path, shapes_root):
     out = tmp_path / "bf16"
     log = run(command(out, "SOLVER.AMP.ENABLED", True, "SOLVER.AMP.DTYPE", "bfloat16", "SOLVER.MAX_ITER", 3,

@@ -199,7 +199,7 @@ def instrument_ours(model: nn.Module, timer: PartTimer) -> Iterator[None]:
 
 @contextlib.contextmanager
 def instrument_original(model: nn.Module, ref: types.ModuleType, timer: PartTimer) -> Iterator[None]:
-    """Time the parts of reference_original.original_inference by wrapping its helper functions."""
+    """Time the parts of original_release.original_inference by wrapping its helper functions (module ``ref``)."""
     timer.wrap(model, "preprocess_image", "preprocess")
     timer.hook(model.backbone, "backbone_fpn")
     timer.wrap(ref, "head_forward", "_head")  # mask branch + time MLP + stages; mask branch = this - stages
