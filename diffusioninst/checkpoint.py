@@ -16,16 +16,15 @@ import logging
 import os
 import pickle
 import re
-import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .errors import UserError
+from .safe_load import UnsafeCheckpointError, load_pickled_weights, refused_object
 
 __all__ = [
     "ARCHITECTURE_KEYS",
@@ -35,12 +34,8 @@ __all__ = [
     "DiffusionInstCheckpointer",
     "LoadReport",
     "NonFiniteWeightsError",
-    "UnsafeCheckpointError",
     "architecture",
-    "check_optimizer_state",
-    "check_resume",
-    "load_pickled_weights",
-    "refused_object",
+    "check_architecture",
     "load_weights",
 ]
 
@@ -57,66 +52,12 @@ class CorruptCheckpointError(UserError, RuntimeError):
     """The checkpoint file exists but cannot be read (truncated, partly written, or not a checkpoint)."""
 
 
-class UnsafeCheckpointError(UserError, pickle.UnpicklingError):
-    """The checkpoint holds objects other than weights, which loading would have to execute."""
-
-
 class CheckpointMismatchError(UserError, ValueError):
     """The checkpoint does not fit the model of the config (resuming, or evaluating with incomplete weights)."""
 
 
 class NonFiniteWeightsError(UserError, FloatingPointError):
     """The model holds NaN/Inf weights; saving them would overwrite a usable checkpoint with a broken one."""
-
-
-# What a detectron2-style .pkl weights file may contain besides dicts, lists, strings and numbers: numpy arrays,
-# dtypes and scalars (as numpy 1 and numpy 2 pickle them) and ordered dicts. Anything else is refused.
-_PICKLE_ALLOWED = {
-    ("collections", "OrderedDict"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("_codecs", "encode"),  # bytes pickled by Python 3 with protocol 2
-    *((module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-      for name in ("_reconstruct", "scalar")),
-}
-
-
-_NUMPY_2 = np.lib.NumpyVersion(np.__version__) >= "2.0.0"
-
-
-class _WeightsUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only the globals of :data:`_PICKLE_ALLOWED`, so loading cannot run code."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in _PICKLE_ALLOWED:
-            raise UnsafeCheckpointError(f"{module}.{name}")
-        if module == "numpy.core.multiarray" and _NUMPY_2:  # numpy 2 moved it; files keep the old name
-            module = "numpy._core.multiarray"
-        return super().find_class(module, name)
-
-
-def refused_object(exc: BaseException) -> Optional[str]:
-    """The object torch's weights-only unpickler refused (``module.name``), from its error; None for other errors."""
-    match = re.search(r"GLOBAL ([\w.]+)", str(exc))
-    return match.group(1) if match else None
-
-
-def load_pickled_weights(path: str, allow_pickle: bool = False) -> Any:
-    """Unpickle a ``.pkl`` weights file with :class:`_WeightsUnpickler` (or without restriction if ``allow_pickle``).
-
-    Raises :class:`UnsafeCheckpointError` naming the file and the refused object before anything of it runs.
-    """
-    with open(path, "rb") as f:
-        if allow_pickle:
-            return pickle.load(f, encoding="latin1")
-        try:
-            return _WeightsUnpickler(f, encoding="latin1").load()
-        except UnsafeCheckpointError as exc:
-            raise UnsafeCheckpointError(
-                f"{path} holds the object {exc}, not only weights (arrays, numbers, strings, containers); it was "
-                "not loaded, since unpickling it could run code. If you trust the file, allow full unpickling "
-                "(MODEL.WEIGHTS_ALLOW_PICKLE True, or --allow-pickle for tools/convert_pretrained.py)"
-            ) from None
 
 
 @dataclass
@@ -335,7 +276,7 @@ class DiffusionInstCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint: Any):
         if self._resuming:
-            _check_architecture(self.architecture, checkpoint.get("architecture"), self._path)
+            check_architecture(self.architecture, checkpoint.get("architecture"), self._path)
             ours = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
             theirs = {k: tuple(v.shape) for k, v in checkpoint["model"].items() if hasattr(v, "shape")}
             wrong = [f"{k} {theirs[k]} vs {ours[k]}" for k in ours if k in theirs and theirs[k] != ours[k]]
@@ -458,7 +399,7 @@ def architecture(cfg) -> Dict[str, Any]:
     return values
 
 
-def _check_architecture(ours: Optional[Dict[str, Any]], theirs: Optional[Dict[str, Any]], path: str) -> None:
+def check_architecture(ours: Optional[Dict[str, Any]], theirs: Optional[Dict[str, Any]], path: str) -> None:
     """Refuse to resume from a checkpoint recorded with other architecture keys, naming each key and both values."""
     if not ours or not theirs:
         return
@@ -468,45 +409,3 @@ def _check_architecture(ours: Optional[Dict[str, Any]], theirs: Optional[Dict[st
         raise CheckpointMismatchError(
             f"cannot --resume from {path}: it was trained with {', '.join(diffs)}; nothing was loaded. Train into "
             f"another OUTPUT_DIR, or start from its weights with MODEL.WEIGHTS {path} without --resume")
-
-
-def check_resume(cfg) -> None:
-    """Before a ``--resume`` run writes anything: refuse when the last checkpoint in ``cfg.OUTPUT_DIR`` was trained
-    with other architecture keys (classes, proposals, backbone...), or its classifier has another class count."""
-    checkpointer = DiffusionInstCheckpointer(torch.nn.Module(), cfg.OUTPUT_DIR)
-    if not checkpointer.has_checkpoint():
-        return
-    path = checkpointer.get_checkpoint_file()
-    if not os.path.isfile(path):
-        return  # reported with its own message when the trainer resumes
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001  (unreadable: the trainer's load reports it)
-        return
-    ours = architecture(cfg)
-    _check_architecture(ours, checkpoint.get("architecture"), path)
-    logits = checkpoint.get("model", {}).get("head.head_series.0.class_logits.weight")
-    num_classes = ours.get("MODEL.DiffusionInst.NUM_CLASSES")
-    if logits is not None and num_classes is not None and logits.shape[0] != num_classes:
-        _check_architecture({"MODEL.DiffusionInst.NUM_CLASSES": num_classes},
-                            {"MODEL.DiffusionInst.NUM_CLASSES": int(logits.shape[0])}, path)
-
-
-def check_optimizer_state(optimizer: torch.optim.Optimizer, state: Optional[Dict[str, Any]]) -> None:
-    """Refuse optimizer ``state`` whose tensors do not fit the optimizer's parameters (loading it would make the
-    fused step fail, or worse); called before a resumed trainer loads it."""
-    if not state:
-        return
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    saved = [i for group in state.get("param_groups", []) for i in group["params"]]
-    if len(saved) != len(params):
-        raise CheckpointMismatchError(
-            f"cannot --resume: the checkpoint's optimizer holds {len(saved)} parameters, the model of the config "
-            f"{len(params)}; nothing was loaded into the optimizer. Train into another OUTPUT_DIR")
-    for index, param in zip(saved, params):
-        for name, value in state.get("state", {}).get(index, {}).items():
-            if torch.is_tensor(value) and value.dim() and tuple(value.shape) != tuple(param.shape):
-                raise CheckpointMismatchError(
-                    f"cannot --resume: optimizer state {name} of parameter {index} has shape {tuple(value.shape)}, "
-                    f"the parameter {tuple(param.shape)}; nothing was loaded into the optimizer. Train into another "
-                    "OUTPUT_DIR")

@@ -18,10 +18,15 @@ from detectron2.engine import DefaultTrainer, hooks
 from detectron2.utils import comm
 from torch import nn
 
+from .checkpoint import (
+    CheckpointMismatchError, DiffusionInstCheckpointer, architecture, check_architecture,
+)
 from .errors import UserError
 
 __all__ = [
     "DiffusionInstTrainer",
+    "check_optimizer_state",
+    "check_resume",
     "EvalHook",
     "amp_grad_scaler",
     "mixed_precision_step",
@@ -237,8 +242,6 @@ class DiffusionInstTrainer(DefaultTrainer):
         return {"_trainer": self._trainer.state_dict(), **super().state_dict()}
 
     def load_state_dict(self, state_dict):
-        from .checkpoint import check_optimizer_state
-
         if "_trainer" in state_dict:  # optimizer state that does not fit the parameters is refused, not loaded
             check_optimizer_state(self.optimizer, state_dict["_trainer"].get("optimizer"))
             self._trainer.load_state_dict(state_dict["_trainer"])
@@ -247,7 +250,6 @@ class DiffusionInstTrainer(DefaultTrainer):
     def build_hooks(self):
         """Default hooks with the atomic checkpointer (DefaultTrainer.__init__ builds its own just before this);
         with MODEL_EMA.ENABLED the EMA is updated before checkpoints and used to evaluate."""
-        from .checkpoint import DiffusionInstCheckpointer, architecture
         from .ema import EMAHook, ModelEMA
 
         self.checkpointer = DiffusionInstCheckpointer(
@@ -281,3 +283,45 @@ class DiffusionInstTrainer(DefaultTrainer):
             for path in save_eval_results(per_dataset, os.path.join(cfg.OUTPUT_DIR, results_dir), **info):
                 logging.getLogger("diffusioninst").info("Evaluation results saved to %s", path)
         return results
+
+
+def check_resume(cfg) -> None:
+    """Before a ``--resume`` run writes anything: refuse when the last checkpoint in ``cfg.OUTPUT_DIR`` was trained
+    with other architecture keys (classes, proposals, backbone...), or its classifier has another class count."""
+    checkpointer = DiffusionInstCheckpointer(torch.nn.Module(), cfg.OUTPUT_DIR)
+    if not checkpointer.has_checkpoint():
+        return
+    path = checkpointer.get_checkpoint_file()
+    if not os.path.isfile(path):
+        return  # reported with its own message when the trainer resumes
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001  (unreadable: the trainer's load reports it)
+        return
+    ours = architecture(cfg)
+    check_architecture(ours, checkpoint.get("architecture"), path)
+    logits = checkpoint.get("model", {}).get("head.head_series.0.class_logits.weight")
+    num_classes = ours.get("MODEL.DiffusionInst.NUM_CLASSES")
+    if logits is not None and num_classes is not None and logits.shape[0] != num_classes:
+        check_architecture({"MODEL.DiffusionInst.NUM_CLASSES": num_classes},
+                            {"MODEL.DiffusionInst.NUM_CLASSES": int(logits.shape[0])}, path)
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, state: Optional[Dict[str, Any]]) -> None:
+    """Refuse optimizer ``state`` whose tensors do not fit the optimizer's parameters (loading it would make the
+    fused step fail, or worse); called before a resumed trainer loads it."""
+    if not state:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved = [i for group in state.get("param_groups", []) for i in group["params"]]
+    if len(saved) != len(params):
+        raise CheckpointMismatchError(
+            f"cannot --resume: the checkpoint's optimizer holds {len(saved)} parameters, the model of the config "
+            f"{len(params)}; nothing was loaded into the optimizer. Train into another OUTPUT_DIR")
+    for index, param in zip(saved, params):
+        for name, value in state.get("state", {}).get(index, {}).items():
+            if torch.is_tensor(value) and value.dim() and tuple(value.shape) != tuple(param.shape):
+                raise CheckpointMismatchError(
+                    f"cannot --resume: optimizer state {name} of parameter {index} has shape {tuple(value.shape)}, "
+                    f"the parameter {tuple(param.shape)}; nothing was loaded into the optimizer. Train into another "
+                    "OUTPUT_DIR")

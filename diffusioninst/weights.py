@@ -361,7 +361,7 @@ def load_weights_file(path: str, allow_pickle: bool = False) -> Dict[str, Any]:
 
         return dict(load_file(path))
     if path.endswith(".pkl"):
-        from .checkpoint import load_pickled_weights
+        from .safe_load import load_pickled_weights
 
         loaded = load_pickled_weights(path, allow_pickle=allow_pickle)
         if not isinstance(loaded, Mapping):
@@ -370,7 +370,7 @@ def load_weights_file(path: str, allow_pickle: bool = False) -> Dict[str, Any]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as e:
-        from .checkpoint import refused_object
+        from .safe_load import refused_object
 
         what = f"the object {refused_object(e)}" if refused_object(e) else "objects other than tensors"
         raise WeightsFormatError(

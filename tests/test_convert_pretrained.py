@@ -24,7 +24,7 @@ from torch import nn
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from conftest import ROOT, TINY_OPTS, load_cfg, tiny_cfg
+from conftest import TINY_OPTS, load_cfg, tiny_cfg
 from diffusioninst.weights import (
     WeightsFormatError,
     convert_file,

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from diffusioninst.modeling.box_ops import generalized_box_iou

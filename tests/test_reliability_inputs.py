@@ -15,9 +15,10 @@ from detectron2.modeling import build_model
 
 from conftest import CONFIGS, ROOT, TINY_OPTS, tiny_cfg
 from diffusioninst.checkpoint import (
-    CheckpointMismatchError, CorruptCheckpointError, DiffusionInstCheckpointer, UnsafeCheckpointError, architecture,
-    check_optimizer_state, check_resume, load_pickled_weights, load_weights,
+    CheckpointMismatchError, CorruptCheckpointError, DiffusionInstCheckpointer, architecture, load_weights,
 )
+from diffusioninst.engine import check_optimizer_state, check_resume
+from diffusioninst.safe_load import UnsafeCheckpointError, load_pickled_weights
 from diffusioninst.solver import build_optimizer
 
 SHAPES = str(CONFIGS / "diffinst.shapes.res18.cpu.yaml")

@@ -20,10 +20,10 @@ from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from diffusioninst import DiffusionInstDatasetMapper, build_optimizer, get_diffusioninst_cfg  # noqa: E402
-from diffusioninst.checkpoint import DiffusionInstCheckpointer, check_resume, load_weights  # noqa: E402
+from diffusioninst.checkpoint import DiffusionInstCheckpointer, load_weights  # noqa: E402
 from diffusioninst.data import register_datasets_from_cfg  # noqa: E402
 from diffusioninst.ema import unwrap_model  # noqa: E402
-from diffusioninst.engine import DiffusionInstTrainer, EvalHook  # noqa: E402
+from diffusioninst.engine import DiffusionInstTrainer, EvalHook, check_resume  # noqa: E402
 from diffusioninst.errors import (  # noqa: E402
     USER_ERROR_EXIT, HideUserErrorTracebacks, UserError, debug_requested, report_user_error, run_tool,
 )
