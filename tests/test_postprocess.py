@@ -146,3 +146,21 @@ def test_banded_resize_product_equals_the_dense_one(monkeypatch, low_len, in_len
         assert weights[a:b, :c0].abs().sum() == 0 and weights[a:b, c1:].abs().sum() == 0  # the run holds every weight
         torch.testing.assert_close(band.apply(a, b, x), dense, rtol=1e-5, atol=1e-6)
     assert calls, "the banded product was never taken"
+
+
+@pytest.mark.parametrize("low,input_size", [((24, 32), (96, 128)), ((25, 30), (99, 117)), ((100, 152), (397, 605))])
+def test_dense_masks_of_the_export_path_equal_the_banded_ones(low, input_size):
+    """The ONNX export computes masks at the input size with whole-image operations: the same masks."""
+    from diffusioninst.modeling.postprocess import masks_to_image_dense
+
+    g = torch.Generator().manual_seed(5)
+    probs = torch.rand(12, *low, generator=g)
+    probs = torch.where(torch.rand(12, *low, generator=g) > 0.5, probs, 1 - probs) ** 3
+    boxes = _boxes(12, *input_size, g)
+    expected, values = full_image_masks(probs, input_size, input_size, boxes)
+    dense = masks_to_image_dense(probs, input_size, boxes)
+    assert dense.dtype == torch.bool and dense.shape == expected.shape
+    differ = dense != expected
+    assert ((values[differ] - 0.5).abs() < 1e-5).all() and differ.float().mean() < 1e-4
+    banded = masks_to_image(probs, input_size, input_size, boxes)
+    assert (dense != banded).float().mean() < 1e-4 and expected.any()

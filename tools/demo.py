@@ -4,6 +4,9 @@
   tools/demo.py --config-file CFG --input IMG_OR_DIR_OR_GLOB... --output DIR_OR_FILE.png
   tools/demo.py --config-file CFG --video-input VIDEO --output DIR_OR_FILE.mp4
   tools/demo.py --config-file CFG --webcam [--output DIR_OR_FILE.mp4]
+  tools/demo.py --onnx model.onnx --input ... --output ...   (an export of tools/export_model.py, by onnxruntime)
+
+The PyTorch model and its ONNX export draw the same sampling noise (``--seed``), hence the same detections.
 
 Unreadable inputs are reported and skipped; the exit status is 1 if any input could not be processed. Mistakes in
 the command line (config, weights, --output) stop it with one line (exit status 1; --debug shows the traceback).
@@ -15,6 +18,7 @@ import glob
 import os
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,20 +26,17 @@ import diffusioninst  # noqa: E402,F401  (compat shims and registrations come fi
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.data.catalog import Metadata  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
-from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 
-from diffusioninst import (  # noqa: E402
-    add_diffusioninst_config, check_config, load_weights, merge_config,
-)
+from diffusioninst import get_diffusioninst_cfg, load_weights  # noqa: E402
 from diffusioninst.data import register_datasets_from_cfg  # noqa: E402
 from diffusioninst.runtime import configure_runtime  # noqa: E402
 from diffusioninst.errors import UserError, run_tool  # noqa: E402
+from diffusioninst.predictor import DiffusionInstPredictor  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".m4v")
@@ -46,7 +47,9 @@ WINDOW = "DiffusionInst"
 def get_parser() -> argparse.ArgumentParser:
     """Command-line arguments."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--config-file", metavar="FILE", help="the config (not needed with --onnx)")
+    parser.add_argument("--onnx", metavar="FILE", help="run this ONNX export with onnxruntime instead of PyTorch")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (same for every image)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", help="images, folders or glob patterns")
     source.add_argument("--video-input", metavar="FILE", help="a video file")
@@ -130,18 +133,26 @@ def has_display() -> bool:
     return not sys.platform.startswith("linux") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
-def build_predictor(args: argparse.Namespace) -> tuple[DefaultPredictor, Metadata]:
-    """The predictor for the config and overrides, and the metadata (class names, colours) to draw with."""
-    cfg = get_cfg()
-    add_diffusioninst_config(cfg)
-    merge_config(cfg, args.config_file, args.opts)  # errors name the file, the key and the closest valid key
-    check_config(cfg)
+def build_predictor(args: argparse.Namespace) -> tuple[Any, Metadata]:
+    """The predictor (PyTorch, or onnxruntime with --onnx) and the metadata (class names, colours) to draw with."""
+    if args.onnx:
+        from diffusioninst.export import OnnxPredictor
+
+        if not os.path.isfile(args.onnx):
+            raise UserError(f"--onnx {args.onnx}: no such file")
+        predictor = OnnxPredictor(args.onnx, seed=args.seed)
+        names, colors = predictor.metadata["class_names"], predictor.metadata.get("class_colors")
+        return predictor, Metadata(**({"thing_classes": names} if names else {}),
+                                   **({"thing_colors": [tuple(c) for c in colors]} if colors else {}))
+    if not args.config_file:
+        raise UserError("--config-file is required (or --onnx with an exported model)")
+    cfg = get_diffusioninst_cfg(args.config_file, args.opts)  # errors name the file, the key and the closest key
     register_datasets_from_cfg(cfg)
     weights = cfg.MODEL.WEIGHTS
-    cfg.MODEL.WEIGHTS = ""  # DefaultPredictor builds the model; the weights are loaded below with clear errors
+    cfg.MODEL.WEIGHTS = ""  # the predictor builds the model; the weights are loaded below with clear errors
     cfg.freeze()
     configure_runtime(cfg)
-    predictor = DefaultPredictor(cfg)
+    predictor = DiffusionInstPredictor(cfg, seed=args.seed)
     if not weights and args.allow_random_weights:
         report("MODEL.WEIGHTS is empty: the model is randomly initialised (--allow-random-weights)")
     load_weights(predictor.model, weights, use_ema=cfg.MODEL_EMA.ENABLED, allow_pickle=cfg.MODEL.WEIGHTS_ALLOW_PICKLE,
@@ -150,13 +161,14 @@ def build_predictor(args: argparse.Namespace) -> tuple[DefaultPredictor, Metadat
 
 
 def annotate(
-    predictor: DefaultPredictor, metadata: Metadata, bgr: np.ndarray, threshold: float
+    predictor: Any, metadata: Metadata, bgr: np.ndarray, threshold: float
 ) -> tuple[np.ndarray, int, float]:
     """Predict on one BGR image; return the drawing (BGR), the number of instances kept and the model time."""
     start = time.perf_counter()
     instances = predictor(bgr)["instances"].to("cpu")
     elapsed = time.perf_counter() - start
     instances = instances[instances.scores >= threshold]
+    np.random.seed(0)  # the Visualizer draws each instance's colour at random: the same colours for the same input
     vis = Visualizer(bgr[:, :, ::-1], metadata, instance_mode=ColorMode.IMAGE).draw_instance_predictions(instances)
     return vis.get_image()[:, :, ::-1], len(instances), elapsed
 

@@ -162,13 +162,15 @@ class DiffusionInst(nn.Module):
     def inference(
         self, batched_inputs: List[Dict], init_boxes: Optional[torch.Tensor] = None,
         generators: Optional[Sequence[torch.Generator]] = None, do_postprocess: bool = True,
+        step_noise: Optional[torch.Tensor] = None,
     ) -> List[Dict[str, Instances]]:
         """Detect and segment a batch of images.
 
         ``init_boxes`` (B, N, 4): the initial box signal x_T (default: N(0, I)); ``generators``: one
         ``torch.Generator`` per image for all sampling noise. With either, results are reproducible; without
         them, ``inference_seed`` >= 0 seeds each image's generator from its ``image_id`` (else ``file_name``).
-        With filter denoising, the initial filter signal (B, N, P) is drawn after ``init_boxes``, from the same generators.
+        ``step_noise`` (SAMPLE_STEP - 1, 2, B, N, 4) gives the DDIM and renewal noise of the later steps (the ONNX
+        graph's input). With filter denoising, the initial filter signal (B, N, P) is drawn after ``init_boxes``.
         Images are batched with the others of the same padded size, so each result equals the one the image
         gets alone: padding a small image up to a larger one's size would change its border features.
         """
@@ -193,7 +195,7 @@ class DiffusionInst(nn.Module):
         for idx in groups.values():
             outputs = self._inference_same_size([batched_inputs[i] for i in idx], x_init[idx],
                                                 None if generators is None else [generators[i] for i in idx],
-                                                do_postprocess)
+                                                do_postprocess, None if step_noise is None else step_noise[:, :, idx])
             for i, out in zip(idx, outputs):
                 results[i] = out
         return results
@@ -205,7 +207,7 @@ class DiffusionInst(nn.Module):
             key = zlib.crc32(str(x.get("file_name", key)).encode())
         return torch.Generator(device=self.device).manual_seed(self.inference_seed * 1_000_003 + key)
 
-    def _inference_same_size(self, batched_inputs, x_init, generators, do_postprocess):
+    def _inference_same_size(self, batched_inputs, x_init, generators, do_postprocess, step_noise=None):
         """Inference for images that share one padded size: one backbone pass, one batched DDIM loop from x_init."""
         images, whwh = self.preprocess_image(batched_inputs)
         with torch.autocast(self.device.type, dtype=self.inference_dtype or torch.float16,
@@ -216,7 +218,7 @@ class DiffusionInst(nn.Module):
                 logits, pred_boxes, filters = self.head(features, boxes, t, filter_signal, mask_feats, whwh)
                 return logits[-1].float(), pred_boxes[-1].float(), filters[-1].float()
 
-            steps = self.sampler.sample(decode, whwh, x_init, generators)
+            steps = self.sampler.sample(decode, whwh, x_init, generators, step_noise)
         mask_feats = mask_feats.float()
         processed = []
         for b, (x, size) in enumerate(zip(batched_inputs, images.image_sizes)):

@@ -9,8 +9,12 @@ from detectron2.layers import batched_nms
 from detectron2.structures import Boxes, Instances
 
 from .dynamic_mask_head import DynamicMaskWindows
+from .mask_branch import aligned_bilinear
 
-__all__ = ["detections_to_instances", "select_topk", "nms_and_cap", "masks_to_image", "mask_extent_boxes"]
+__all__ = [
+    "detections_to_instances", "select_topk", "nms_and_cap", "masks_to_image", "masks_to_image_dense",
+    "mask_extent_boxes",
+]
 
 BAND_CHUNK = 64  # output rows (columns) per tile of the banded mask-resize products
 
@@ -69,6 +73,21 @@ def detections_to_instances(
     windows = DynamicMaskWindows(mask_feats, filters[keep], *mask_head_layout)
     out.pred_masks = masks_to_image(windows, input_size, output_size, out_boxes.tensor, mask_threshold)
     return out
+
+
+def masks_to_image_dense(
+    mask_probs: torch.Tensor, input_size: Tuple[int, int], boxes: torch.Tensor, threshold: float = 0.5, stride: int = 4,
+) -> torch.Tensor:
+    """What :func:`masks_to_image` computes with ``output_size == input_size``, as whole-image operations of static
+    rank (the ONNX export's path): probabilities (M, h, w) upsampled x``stride`` (aligned), cropped to the unpadded
+    input, thresholded and zeroed outside each box (M, 4) -> (M, H, W) bool."""
+    full = aligned_bilinear(mask_probs[:, None], stride)[:, 0, : input_size[0], : input_size[1]]
+    b = boxes.long()
+    ys = torch.arange(full.shape[1], device=full.device)[None, :, None]
+    xs = torch.arange(full.shape[2], device=full.device)[None, None, :]
+    inside = (ys >= b[:, 1, None, None]) & (ys < b[:, 3, None, None]) & (xs >= b[:, 0, None, None]) & (
+        xs < b[:, 2, None, None])
+    return (full > threshold) & inside
 
 
 def _resize_weights(low_len: int, in_len: int, out_len: int, stride: int, device: torch.device) -> torch.Tensor:

@@ -100,17 +100,20 @@ class DDIMSampler(nn.Module):
         images_whwh: torch.Tensor,
         x: torch.Tensor,
         generators: Optional[Sequence[torch.Generator]] = None,
+        step_noise: Optional[torch.Tensor] = None,
     ) -> List[StepOutput]:
         """Denoise the signal x (B, N, D); returns the step outputs whose predictions form the result.
 
         D is 4 (the box signal), or 4 + P with filter denoising (box signal, then filter signal).
         ``decode(boxes_abs_xyxy (B, N, 4), filter_signal (B, N, P) or None, t (B,))`` runs the decoder.
-        ``generators`` (one per image) make the renewal and DDIM noise of each image independent of its batch.
+        ``generators`` (one per image) make the renewal and DDIM noise of each image independent of its batch;
+        ``step_noise`` (steps - 1, 2, B, N, D) gives that noise instead: after step s, the DDIM noise of the kept
+        proposals is ``step_noise[s, 0]`` and the renewed ones' is ``step_noise[s, 1]`` (rows in kept-first order).
         """
         batch = x.shape[0]
         whwh = images_whwh[:, None, :]
         outputs: List[StepOutput] = []
-        for t, t_next in self.time_pairs:
+        for step, (t, t_next) in enumerate(self.time_pairs):
             time = torch.full((batch,), t, device=x.device, dtype=torch.long)
             boxes_in = (boxes_from_signal(x[..., :4], self.scale) * whwh).to(images_whwh.dtype)
             filters_in = x[..., 4:] if self.filter_range is not None else None
@@ -126,7 +129,8 @@ class DDIMSampler(nn.Module):
             pred_noise = predict_noise_from_start(
                 x, time, x_start, self.sqrt_recip_alphas_cumprod, self.sqrt_recipm1_alphas_cumprod
             )
-            x = self._next_signal(x, x_start, pred_noise, logits, t, t_next, generators)
+            noise = None if step_noise is None else step_noise[step]
+            x = self._next_signal(x, x_start, pred_noise, logits, t, t_next, generators, noise)
         return outputs
 
     def _contributes(self, last: bool) -> bool:
@@ -135,10 +139,12 @@ class DDIMSampler(nn.Module):
             return last
         return self.ensemble_last_step or not last
 
-    def _next_signal(self, x, x_start, pred_noise, logits, t: int, t_next: int, generators) -> torch.Tensor:
+    def _next_signal(self, x, x_start, pred_noise, logits, t: int, t_next: int, generators,
+                     noise_pair: Optional[torch.Tensor] = None) -> torch.Tensor:
         """DDIM update of the kept proposals' signals (B, N, D), then (with box renewal) fresh noise for the others.
 
-        As in the original, the DDIM noise has the dtype of the current signal x and the refill is float32.
+        As in the original, the DDIM noise has the dtype of the current signal x and the refill is float32; with
+        ``noise_pair`` (2, B, N, D) both come from it (static shapes: what the ONNX export traces).
         """
         batch, num_proposals, dim = x_start.shape
         alpha, alpha_next = self.alphas_cumprod[t], self.alphas_cumprod[t_next]
@@ -146,12 +152,16 @@ class DDIMSampler(nn.Module):
             keep = logits.sigmoid().amax(-1) > self.renewal_threshold
         else:
             keep = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
-        # Kept proposals first, in their original order; the rest is refilled.
-        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+        # Kept proposals first, in their original order (distinct keys: the same order as a stable sort); the rest
+        # is refilled.
+        index = torch.arange(num_proposals, device=keep.device)
+        order = torch.argsort((~keep).long() * num_proposals + index, dim=1)
         x_start = torch.gather(x_start, 1, order[..., None].expand(-1, -1, dim))
         pred_noise = torch.gather(pred_noise, 1, order[..., None].expand(-1, -1, dim))
         num_keep = keep.sum(1)
-        if generators is None:
+        if noise_pair is not None:
+            noise, refill = noise_pair[0].to(x.dtype), noise_pair[1].float()
+        elif generators is None:
             noise = torch.randn(x_start.shape, dtype=x.dtype, device=x.device)
             refill = torch.randn(x_start.shape, dtype=torch.float32, device=x.device)
         else:
