@@ -21,4 +21,5 @@ setup(
         "faster-coco-eval",
         "timm",
     ],
+    extras_require={"onnx": ["onnx", "onnxruntime"]},  # tools/export_model.py, OnnxPredictor, demo --onnx
 )

@@ -207,3 +207,15 @@ def test_train_mode_follows_solver_amp(one_thread, monkeypatch):
                                   threads=1)
     check_train_entry(results["train"], "ours", 2, calls=1)
     assert seen and all(s == (True, torch.bfloat16) for s in seen)
+
+
+def test_onnx_line_times_onnxruntime_against_pytorch(one_thread, capsys):
+    """--impl onnx: the PyTorch path and its ONNX export by onnxruntime, same image and initial boxes, with the ratio."""
+    pytest.importorskip("onnxruntime")
+    results = bench.run_benchmark(CONFIG, TINY_OPTS, mode="inference", impl="onnx", batch_size=1, warmup=1, repeats=2,
+                                  image_size=(64, 96))
+    by_impl = {e["impl"]: e for e in results["inference"]}
+    assert set(by_impl) == {"ours", "onnx"} and _positive(results["onnx_speedup_batch1"])
+    assert by_impl["onnx"]["detections_per_image"] == by_impl["ours"]["detections_per_image"]
+    assert set(by_impl["onnx"]["breakdown_ms"]) == {"total"}
+    assert "onnxruntime against PyTorch eager at batch 1" in bench.format_report(results)

@@ -4,7 +4,7 @@
 The logic lives in ``diffusioninst.benchmark``; this is its command line.
 
   tools/benchmark.py --config-file CFG [--mode inference|train|all] [--batch-size 8] [--warmup 2] [--repeats 5]
-                     [--image-size 800x1216 | --shapes] [--impl ours|original|both] [--json out.json] [KEY VALUE ...]
+                     [--image-size 800x1216 | --shapes] [--impl ours|original|both|onnx] [--json out.json] [KEY VALUE ...]
 
 Inference: images/s and ms/image at batch 1 and at --batch-size (``model.inference`` in eval mode under no_grad),
 after warm-up calls, over N timed calls (median, min/max, IQR), a breakdown of one call (preprocess,
@@ -15,7 +15,8 @@ weights and initial boxes. Training: s/iteration (forward, backward, optimizer s
 (one more iteration);
 ``--impl original`` trains with the original release's loss computation and optimizer as re-stated in the same file
 (``original_training_forward``: per-image noising, matcher loops, losses, stock RoIAlign; ``original_optimizer``) on
-the same model and batch.
+the same model and batch. ``--impl onnx`` times this package's PyTorch inference against its ONNX export
+(``tools/export_model.py``'s graph) run by onnxruntime with as many threads, on the same image and initial boxes.
 Timed calls run as in a long evaluation or training loop: the C allocator keeps what earlier calls freed (with
 MODEL.DEVICE cpu and CPU_KEEP_FREED_MEMORY, as tools/train_net.py and tools/demo.py set it up, for both code paths);
 each memory call starts from a trimmed heap, so that its peak is its own.
@@ -41,8 +42,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--mode", choices=("inference", "train", "all"), default="inference")
-    parser.add_argument("--impl", choices=("ours", "original", "both"), default="ours",
-                        help="code path: this package's, the original release's (inference: batch 1), or both")
+    parser.add_argument("--impl", choices=("ours", "original", "both", "onnx"), default="ours",
+                        help="code path: this package's, the original release's (inference: batch 1), both, or "
+                        "onnx: this package's PyTorch path and its ONNX export run by onnxruntime (inference, batch 1)")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="inference batch besides batch 1 (always timed); the training batch")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")

@@ -218,6 +218,8 @@ def instrumented_call(fn: Callable[[], Any], instrument: Callable[[PartTimer], A
         fn()
         total = timer.now() - t0
     parts = dict(timer.times)
+    if not parts:  # one opaque call (the ONNX graph): its total only
+        return {"total": total}
     if "_head" in parts:  # original: the head function holds the mask branch, the time MLP and the stages
         parts["mask_branch"] = max(parts.pop("_head") - parts.get("decoder", 0.0), 0.0)
     if "_features" in parts:  # ours: feature extraction holds the backbone and the mask branch

@@ -42,6 +42,9 @@ def format_report(results: Dict[str, Any]) -> str:
         if "speedup_batch1" in results:
             lines.append(f"speed-up at batch 1 (original / ours, same run, same weights and initial boxes): "
                          f"{results['speedup_batch1']:.2f}x")
+        if "onnx_speedup_batch1" in results:
+            lines.append(f"onnxruntime against PyTorch eager at batch 1 (ours / onnx, same run, same weights and initial "
+                         f"boxes): {results['onnx_speedup_batch1']:.2f}x")
         lines += _format_breakdowns(results["inference"])
     train = [results[k] for k in ("train", "train_original") if k in results]
     if train:

@@ -162,6 +162,8 @@ def _num_detections(out: Any) -> float:
     """Mean detections per image of an inference output (a list of {"instances"} dicts, or one Instances)."""
     if isinstance(out, Instances):
         return float(len(out))
+    if isinstance(out, list) and out and isinstance(out[0], np.ndarray):  # onnxruntime: boxes, scores, classes, masks
+        return float(len(out[0]))
     return statistics.mean(len(o["instances"]) for o in out)
 
 
@@ -169,7 +171,8 @@ def inference_cases(
     model: nn.Module, cfg: CfgNode, inputs: Sequence[Dict[str, Any]], impls: Sequence[str], batch_sizes: Sequence[int],
     seed: int = 0,
 ) -> List[Dict[str, Any]]:
-    """One case per implementation and batch size (original: batch 1 only): a call and its instrumentation."""
+    """One case per implementation and batch size (original and onnx: batch 1 only): a call and its instrumentation
+    (the ONNX graph is one call: no breakdown)."""
     device = model.device
     d = cfg.MODEL.DiffusionInst
     init = torch.randn(max(batch_sizes), model.num_proposals, 4, generator=torch.Generator().manual_seed(seed)).to(device)
@@ -177,14 +180,19 @@ def inference_cases(
     for impl in impls:
         for bs in batch_sizes:
             batch = [inputs[i % len(inputs)] for i in range(bs)]
-            if impl == "ours":
+            if impl == "onnx" and bs == 1:
+                fn = _onnx_call(model, cfg, batch[0]["image"], init[:1])
+
+                def instrument(timer):
+                    return contextlib.nullcontext()
+            elif impl == "ours":
                 def fn(batch=batch, bs=bs):
                     with torch.no_grad():
                         return model.inference(batch, init_boxes=init[:bs])
 
                 def instrument(timer):
                     return instrument_ours(model, timer)
-            elif bs == 1:
+            elif impl == "original" and bs == 1:
                 ref = original_release.inference  # the module whose helpers the instrumentation wraps
                 # The reference makes its noise and time tensors on the default device.
                 default_device = torch.device(device) if device.type != "cpu" else contextlib.nullcontext()
@@ -200,6 +208,27 @@ def inference_cases(
                 continue
             cases.append({"impl": impl, "batch_size": bs, "fn": fn, "instrument": instrument})
     return cases
+
+
+def _onnx_call(model: nn.Module, cfg: CfgNode, image: torch.Tensor, init: torch.Tensor) -> Callable[[], Any]:
+    """A call of ``model`` exported to ONNX (on ``image``'s size) run by onnxruntime with torch's thread count."""
+    import tempfile
+
+    import onnxruntime
+
+    from ..export import export_onnx
+
+    steps = len(model.sampler.time_pairs)
+    if steps > 1:
+        raise ValueError(f"--impl onnx times one sampling step (SAMPLE_STEP is {steps})")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.onnx")
+        export_onnx(model, cfg, path, image[None].float().cpu())
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feeds = {"image": image[None].float().cpu().numpy(), "init_boxes": init.cpu().numpy()}
+    return lambda: session.run(None, feeds)
 
 
 def bench_inference(
@@ -350,15 +379,17 @@ def run_benchmark(
         },
     }
     if mode in ("inference", "all"):
-        impls = ["ours", "original"] if impl == "both" else [impl]
+        impls = {"both": ["ours", "original"], "onnx": ["ours", "onnx"]}.get(impl, [impl])
         batch_sizes = sorted({1, batch_size})
         inputs = shapes_inputs(cfg, batch_size, False, seed) if shapes else random_images(batch_size, image_size, seed)
         results["settings"]["inference_inputs"] = describe_inputs(inputs)
         results["inference"] = bench_inference(model, cfg, inputs, impls, batch_sizes, warmup, repeats, seed)
         by_impl = {e["impl"]: e for e in results["inference"] if e["batch_size"] == 1}
-        if len(by_impl) == 2:
+        if "original" in by_impl and "ours" in by_impl:
             results["speedup_batch1"] = by_impl["original"]["median_s"] / by_impl["ours"]["median_s"]
-    if mode in ("train", "all"):
+        if "onnx" in by_impl and "ours" in by_impl:
+            results["onnx_speedup_batch1"] = by_impl["ours"]["median_s"] / by_impl["onnx"]["median_s"]
+    if mode in ("train", "all") and impl != "onnx":
         if shapes:
             train_inputs = shapes_inputs(cfg, batch_size, True, seed)
         else:
