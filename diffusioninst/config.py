@@ -32,6 +32,7 @@ def add_diffusioninst_config(cfg: CN) -> None:
     d.NUM_DYNAMIC = 2  # dynamic 1x1 layers in the instance interaction
     d.DIM_DYNAMIC = 64  # width of the dynamic layers
     d.CPU_KERNELS = True  # on CPU: parallel/sparse RoIAlign and oneDNN Linear (diffusioninst/layers); False: plain ops
+    cfg.register_deprecated_key("MODEL.DiffusionInst.ONEDNN_LINEAR")  # now part of CPU_KERNELS; old configs still load
 
     # Mask branch F_mask and dynamic mask head phi (CondInst without relative coordinates).
     d.MASK_IN_FEATURES = ("p2", "p3", "p4")  # FPN levels fused into F_mask (released weights: p2-p4)

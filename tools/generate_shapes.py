@@ -48,6 +48,7 @@ def run(argv: list[str] | None = None) -> int:
             image_size=args.image_size,
             seed=args.seed,
             overwrite=args.force,
+            progress=lambda line: print(f"[shapes] {line}", flush=True),
         )
     except FileExistsError as e:
         print(e, file=sys.stderr)

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -73,13 +73,15 @@ def generate_shapes_dataset(
     *,
     max_instances: int = 6,
     overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> str:
     """Write the shapes dataset to ``<root>/shapes`` and return that directory; same arguments, same bytes.
 
     The dataset is built in a temporary directory next to the target and moved into place with one rename,
     so concurrent callers (e.g. the processes of a distributed job) never see it half-written. An existing
     dataset made with the same arguments is reused; one made with different arguments raises
-    ``FileExistsError`` unless ``overwrite`` is set, which always regenerates and replaces it.
+    ``FileExistsError`` unless ``overwrite`` is set, which always regenerates and replaces it. ``progress``, if
+    given, is called with a line of text every tenth of each split.
     """
     if min(num_train, num_val) < 0 or max_instances < 0:
         raise ValueError("num_train, num_val and max_instances must be non-negative")
@@ -104,7 +106,7 @@ def generate_shapes_dataset(
     try:
         os.chmod(tmp_dir, 0o755)
         for split_index, split in enumerate(_SPLITS):
-            _write_split(tmp_dir, split, split_index, params)
+            _write_split(tmp_dir, split, split_index, params, progress)
         _publish(tmp_dir, target, params, overwrite)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -161,13 +163,16 @@ class _Shape:
     shade_amplitude: float
 
 
-def _write_split(out_dir: str, split: str, split_index: int, params: dict[str, Any]) -> None:
+def _write_split(out_dir: str, split: str, split_index: int, params: dict[str, Any],
+                 progress: Callable[[str], None] | None = None) -> None:
     num_images = params["num_train"] if split == "train" else params["num_val"]
     size = params["image_size"]
     image_dir = os.path.join(out_dir, split)
     os.makedirs(image_dir)
     images, annotations = [], []
     for i in range(num_images):
+        if progress is not None and (i + 1) % max(1, num_images // 10) == 0:
+            progress(f"{split}: {i + 1}/{num_images} images")
         # One generator per image, keyed by (seed, split, index): images do not depend on each other.
         rng = np.random.default_rng([params["seed"], split_index, i])
         image_id = i + 1
