@@ -22,6 +22,7 @@ from .checkpoint import (
     CheckpointMismatchError, DiffusionInstCheckpointer, architecture, check_architecture,
 )
 from .errors import UserError
+from .runtime import cpu_has_native_bfloat16
 
 __all__ = [
     "DiffusionInstTrainer",
@@ -194,8 +195,17 @@ def mixed_precision_step(trainer: Any, dtype: torch.dtype, device_type: str) -> 
 
 
 def training_amp_dtype(cfg: Any) -> Optional[torch.dtype]:
-    """The autocast dtype of training (SOLVER.AMP.DTYPE), or None without SOLVER.AMP.ENABLED."""
-    return getattr(torch, cfg.SOLVER.AMP.DTYPE) if cfg.SOLVER.AMP.ENABLED else None
+    """The autocast dtype of training (SOLVER.AMP.DTYPE), or None (float32) without SOLVER.AMP.ENABLED, and for
+    bfloat16 on a CPU that has no bfloat16 arithmetic (emulated, it is slower than float32; a warning says so)."""
+    if not cfg.SOLVER.AMP.ENABLED:
+        return None
+    dtype = getattr(torch, cfg.SOLVER.AMP.DTYPE)
+    if dtype == torch.bfloat16 and torch.device(cfg.MODEL.DEVICE).type == "cpu" and not cpu_has_native_bfloat16():
+        logging.getLogger(__name__).warning(
+            "SOLVER.AMP.DTYPE bfloat16: this CPU has no bfloat16 arithmetic (AVX-512 BF16 or AMX), where it is "
+            "slower than float32; training in float32 instead")
+        return None
+    return dtype
 
 
 def amp_grad_scaler(dtype: torch.dtype, device_type: str) -> torch.amp.GradScaler:

@@ -7,6 +7,7 @@
   on a 2-core VM).
 * The OpenMP thread count of one thread (the parallel RoIAlign's workers, ``diffusioninst.layers``).
 * ``malloc_trim`` for the benchmark's memory baselines.
+* Whether the CPU computes bfloat16 natively (``SOLVER.AMP.DTYPE bfloat16`` on CPU falls back to float32 otherwise).
 
 Every function is a no-op returning False where the C library or OpenMP runtime is not found (not glibc, not
 Linux). This is the only module of the package that uses ctypes.
@@ -18,7 +19,11 @@ import functools
 import re
 from typing import Any, Callable, Optional
 
-__all__ = ["configure_runtime", "keep_freed_memory", "malloc_trim", "set_thread_openmp_threads"]
+import torch
+
+__all__ = [
+    "configure_runtime", "cpu_has_native_bfloat16", "keep_freed_memory", "malloc_trim", "set_thread_openmp_threads",
+]
 
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -82,3 +87,12 @@ def set_thread_openmp_threads(count: int) -> bool:
         return False
     set_num_threads(count)
     return True
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 arithmetic (x86 AVX-512 BF16 or AMX), as torch's CPU capability checks report.
+
+    Elsewhere (older x86, ARM, a torch without these checks) bfloat16 autocast is emulated and slower than float32.
+    """
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(check()) for check in checks if callable(check))

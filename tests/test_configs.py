@@ -76,7 +76,7 @@ def test_configs_are_found():
         "diffinst.coco.res50.1x.yaml", "diffinst.coco.res50.3x.yaml", "diffinst.coco.res50.5x.yaml",
         "diffinst.coco.res101.5x.yaml", "diffinst.coco.swinbase.5x.yaml", "diffinst.coco.swinlarge.5x.yaml",
         "diffinst.coco.res50.5x.test-dev.yaml", "diffinst.lvis.res50.3x.yaml", "diffinst.lvis.res101.3x.yaml",
-        "diffinst.lvis.swinbase.3x.yaml", "diffinst.shapes.res18.cpu.yaml",
+        "diffinst.lvis.swinbase.3x.yaml", "diffinst.shapes.res18.cpu.yaml", "diffinst.shapes.res18.demo.yaml",
     ):
         assert name in ALL_CONFIGS
 

@@ -71,3 +71,27 @@ def test_importing_the_package_tunes_nothing():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "0", "0"]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_training_falls_back_to_float32_where_the_cpu_has_no_bfloat16(monkeypatch, caplog, native):
+    """SOLVER.AMP bfloat16 on CPU autocasts only where the CPU computes bfloat16; elsewhere float32 and a warning."""
+    import torch
+
+    from diffusioninst import engine
+
+    cfg = get_cfg()
+    add_diffusioninst_config(cfg)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.SOLVER.AMP.ENABLED, cfg.SOLVER.AMP.DTYPE = True, "bfloat16"
+    monkeypatch.setattr(engine, "cpu_has_native_bfloat16", lambda: native)
+    with caplog.at_level("WARNING", logger="diffusioninst.engine"):
+        dtype = engine.training_amp_dtype(cfg)
+    assert dtype == (torch.bfloat16 if native else None)
+    assert ("training in float32 instead" in caplog.text) is not native
+    cfg.SOLVER.AMP.ENABLED = False
+    assert engine.training_amp_dtype(cfg) is None
+
+
+def test_native_bfloat16_check_answers_without_error():
+    assert runtime.cpu_has_native_bfloat16() in (True, False)

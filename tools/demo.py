@@ -180,7 +180,7 @@ def run_images(args: argparse.Namespace) -> int:
     failures += sum(out is None for out in outs)
     jobs = [(path, out) for path, out in zip(paths, outs) if out is not None]
     predictor, metadata = build_predictor(args) if jobs else (None, None)
-    for path, out in jobs:
+    for index, (path, out) in enumerate(jobs, 1):
         try:
             image = read_image(path, format="BGR")
         except Exception as exc:  # unreadable input: report, go on with the rest
@@ -193,7 +193,7 @@ def run_images(args: argparse.Namespace) -> int:
             report(f"cannot write {out}")
             failures += 1
             continue
-        print(f"[demo] {path}: {count} instances in {elapsed:.2f}s -> {out}")
+        print(f"[demo] {index}/{len(jobs)} {path}: {count} instances in {elapsed:.2f}s -> {out}")
     if failures:
         report(f"{failures} input(s) could not be processed")
     return failures
