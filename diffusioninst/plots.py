@@ -2,6 +2,7 @@
 and a grid of validation images with the evaluation's predictions beside the ground truth."""
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections import defaultdict
@@ -61,9 +62,19 @@ def plot_training_curves(metrics_path: str, out_path: str, title: str = "") -> s
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=80)
+    _save_small_png(fig, out_path)
     plt.close(fig)
     return out_path
+
+
+def _save_small_png(fig, out_path: str, colors: int = 256) -> None:
+    """Save a figure of photos as a palette PNG (a tenth of the RGB file's size, small enough to commit)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=80)
+    buffer.seek(0)
+    Image.open(buffer).convert("RGB").quantize(colors=colors).save(out_path, optimize=True)
 
 
 def plot_predictions(gt_json: str, image_root: str, results_json: str, out_path: str, threshold: float = 0.5,
@@ -95,8 +106,13 @@ def plot_predictions(gt_json: str, image_root: str, results_json: str, out_path:
             by_image[r["image_id"]]["pred"].append(r)
     images = {img["id"]: img for img in gt["images"]}
     ids = list(image_ids) if image_ids is not None else [i for i in sorted(images) if by_image[i]["gt"]][:num_images]
-    fig, axes = plt.subplots(len(ids), 2, figsize=(5, 2.5 * len(ids)), squeeze=False)
-    for row, image_id in enumerate(ids):
+    pairs = 2  # (ground truth, predictions) pairs per row
+    rows = max(1, -(-len(ids) // pairs))
+    fig, axes = plt.subplots(rows, 2 * pairs, figsize=(5 * pairs, 2.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for n, image_id in enumerate(ids):
+        row, first = divmod(n, pairs)
         img = images[image_id]
         rgb = cv2.imread(os.path.join(image_root, img["file_name"]))[:, :, ::-1]
         h, w = rgb.shape[:2]
@@ -109,15 +125,24 @@ def plot_predictions(gt_json: str, image_root: str, results_json: str, out_path:
                                              a["bbox"][1] + a["bbox"][3]] for a in anns] or None,
                 labels=[f"{names[index[a['category_id']]]}" + (f" {a['score']:.0%}" if "score" in a else "")
                         for a in anns] or None)
-            axes[row, col].imshow(vis.get_image())
-            axes[row, col].set_axis_off()
+            ax = axes[row, 2 * first + col]
+            ax.imshow(vis.get_image())
             if row == 0:
-                axes[row, col].set_title(kind if kind == "ground truth" else f"predictions (score >= {threshold})",
-                                         fontsize=9)
+                ax.set_title(kind if kind == "ground truth" else f"predictions (score >= {threshold})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=80)
+    _save_small_png(fig, out_path)
     plt.close(fig)
     return out_path
+
+
+def _save_small_png(fig, out_path: str, colors: int = 256) -> None:
+    """Save a figure of photos as a palette PNG (a tenth of the RGB file's size, small enough to commit)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=80)
+    buffer.seek(0)
+    Image.open(buffer).convert("RGB").quantize(colors=colors).save(out_path, optimize=True)
 
 
 def _rle(segmentation, height: int, width: int) -> dict:
