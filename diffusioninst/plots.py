@@ -51,11 +51,11 @@ def plot_training_curves(metrics_path: str, out_path: str, title: str = "") -> s
         ax_loss.plot(its, values, label=key, linewidth=2 if key == "total_loss" else 1)
     ax_loss.set(xlabel="iteration", ylabel="loss (weighted)", yscale="log", title="training losses")
     ax_loss.legend(fontsize=8)
-    for key, label in (("bbox/AP", "box AP"), ("segm/AP", "mask AP")):
+    for key, label, offset in (("bbox/AP", "box AP", (4, 4)), ("segm/AP", "mask AP", (4, -12))):
         if aps[key]:
             its, values = zip(*aps[key])
             ax_ap.plot(its, values, "o-", label=label)
-            ax_ap.annotate(f"{values[-1]:.1f}", (its[-1], values[-1]), textcoords="offset points", xytext=(4, 4))
+            ax_ap.annotate(f"{values[-1]:.1f}", (its[-1], values[-1]), textcoords="offset points", xytext=offset)
     last = max((r["iteration"] for r in records if "iteration" in r), default=1)
     ax_ap.set(xlabel="iteration", ylabel="AP", title="evaluation", xlim=(0, last * 1.05), ylim=(0, 100))
     ax_ap.legend(fontsize=8)
