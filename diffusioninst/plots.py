@@ -68,7 +68,8 @@ def plot_training_curves(metrics_path: str, out_path: str, title: str = "") -> s
 
 
 def _save_small_png(fig, out_path: str, colors: int = 256) -> None:
-    """Save a figure of photos as a palette PNG (a tenth of the RGB file's size, small enough to commit)."""
+    """Save a figure as a 256-colour palette PNG (for the photo grid a sixth of the RGB file's size; small enough to
+    commit to the repository, as README's pictures are)."""
     from PIL import Image
 
     buffer = io.BytesIO()
@@ -133,16 +134,6 @@ def plot_predictions(gt_json: str, image_root: str, results_json: str, out_path:
     _save_small_png(fig, out_path)
     plt.close(fig)
     return out_path
-
-
-def _save_small_png(fig, out_path: str, colors: int = 256) -> None:
-    """Save a figure of photos as a palette PNG (a tenth of the RGB file's size, small enough to commit)."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=80)
-    buffer.seek(0)
-    Image.open(buffer).convert("RGB").quantize(colors=colors).save(out_path, optimize=True)
 
 
 def _rle(segmentation, height: int, width: int) -> dict:
