@@ -25,7 +25,8 @@ from .shapes import (
     shapes_lvis_paths,
     write_shapes_lvis,
 )
-from .validation import DatasetValidationError, load_coco_checked, validate_records
+from .coco_json import load_coco_checked
+from .validation import DatasetValidationError, validate_records
 
 __all__ = [
     "SHAPES_CATEGORIES",

@@ -1,5 +1,5 @@
 """Dataset registration: the synthetic shapes splits (COCO and LVIS format), the COCO- and LVIS-format datasets
-declared in the config, and the checks of ``validation.py`` installed in front of every dataset a run uses.
+declared in the config, and the checks of ``validation.py`` / ``coco_json.py`` installed in front of every dataset a run uses.
 
 detectron2 registers COCO and LVIS itself (``detectron2.data.datasets.builtin``, under ``$DETECTRON2_DATASETS``); this
 module adds what DiffusionInst's configs and tools need beyond that.
@@ -15,9 +15,9 @@ from detectron2.data.datasets import load_coco_json, load_lvis_json, register_co
 
 from ..config import ConfigError
 from .shapes import SHAPES_CATEGORIES, generate_shapes_dataset, shapes_dataset_paths, shapes_lvis_paths, write_shapes_lvis
+from .coco_json import check_categories, load_coco_checked, read_json
 from .validation import (
-    NUM_CLASSES_KEY, DatasetFileNotFoundError, DatasetValidationError, ValidationOptions, check_categories,
-    load_coco_checked, read_json, validate_records,
+    NUM_CLASSES_KEY, DatasetFileNotFoundError, DatasetValidationError, ValidationOptions, validate_records,
 )
 
 __all__ = [
@@ -63,7 +63,7 @@ def _shapes_loader(root: str, name: str):
     def load() -> list[dict]:
         return _load_shapes(root, name)
 
-    # The validating loader (validation.py) reads the registered JSON file itself: it generates it first.
+    # The validating loader (coco_json.py) reads the registered JSON file itself: it generates it first.
     setattr(load, PREPARE, lambda: _ensure_shapes(root, name))
     return load
 
@@ -218,7 +218,7 @@ def register_datasets_from_cfg(cfg) -> list[str]:
     All entries are checked before any is registered.
 
     Then the loaders of the datasets named in ``DATASETS.TRAIN`` and ``DATASETS.TEST`` (from any source) are
-    replaced by validating ones (:func:`.validation.install_validating_loaders`): bad annotation files, missing
+    replaced by validating ones (:func:`install_validating_loaders`): bad annotation files, missing
     images and a ``MODEL.DiffusionInst.NUM_CLASSES`` that disagrees with the data fail with an error naming the
     file and the entry when the dataset is first loaded, before training; ``DATASETS.SKIP_INVALID`` drops bad
     entries with a warning instead.
@@ -256,7 +256,7 @@ def class_image_count(dataset_name: str, num_classes: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The checks of validation.py installed in the DatasetCatalog
+# The checks of validation.py / coco_json.py installed in the DatasetCatalog
 
 _ORIGINAL = "_diffusioninst_original_loader"
 
