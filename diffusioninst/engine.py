@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+import warnings
 import weakref
 from typing import Any, Callable, Dict, Mapping, Optional
 
@@ -220,7 +221,9 @@ class DiffusionInstTrainer(DefaultTrainer):
     tools/train_net.py adds DiffusionInst's data, optimizer and evaluators."""
 
     def __init__(self, cfg):
-        super().__init__(cfg)
+        with warnings.catch_warnings():  # v0.6's AMPTrainer makes a CUDA GradScaler (warning on CPU), replaced below
+            warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.GradScaler")
+            super().__init__(cfg)
         self.amp_dtype = training_amp_dtype(cfg)
         if self.amp_dtype is not None:
             self._trainer.grad_scaler = amp_grad_scaler(self.amp_dtype, torch.device(cfg.MODEL.DEVICE).type)
