@@ -29,7 +29,7 @@ def _image(h: int, w: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (1, 3, h, w), generator=torch.Generator().manual_seed(seed)).float()
 
 
-@pytest.mark.parametrize("steps", [1, 4])
+@pytest.mark.parametrize("steps", [1, pytest.param(4, marks=pytest.mark.slow)])  # 4 steps: the whole DDIM loop, ~8 s
 def test_onnxruntime_equals_pytorch_at_two_image_sizes(tmp_path, steps):
     cfg, model = _confident_model("MODEL.DiffusionInst.SAMPLE_STEP", steps)
     path = str(tmp_path / "model.onnx")
