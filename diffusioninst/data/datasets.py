@@ -1,5 +1,6 @@
 """Dataset registration: the synthetic shapes splits (COCO and LVIS format), the COCO- and LVIS-format datasets
-declared in the config, and the checks of ``validation.py`` / ``coco_json.py`` installed in front of every dataset a run uses.
+declared in the config, and the checks of ``validation.py`` / ``coco_json.py`` installed in front of every dataset a
+run uses.
 
 detectron2 registers COCO and LVIS itself (``detectron2.data.datasets.builtin``, under ``$DETECTRON2_DATASETS``); this
 module adds what DiffusionInst's configs and tools need beyond that.

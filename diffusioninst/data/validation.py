@@ -248,7 +248,7 @@ def validate_records(records: Any, dataset_name: str, options: ValidationOptions
                 problems.warn("annotations of unknown categories", f"{message}; annotation dropped")
                 continue
             obj = check_annotation(obj, obj.get("bbox_mode", BoxMode.XYWH_ABS), record.get("height"),
-                                    record.get("width"), label, problems)
+                                   record.get("width"), label, problems)
             kept += [obj] if obj is not None else []
         changed = len(kept) != len(record.get("annotations", [])) or any(
             a is not b for a, b in zip(kept, record.get("annotations", [])))
@@ -259,7 +259,8 @@ def validate_records(records: Any, dataset_name: str, options: ValidationOptions
 def drop_bad_images(records: list[dict], total: int, where: str, options: ValidationOptions, problems: Problems,
                     image_root: str | None = None) -> list[dict]:
     """The records whose image file is usable (or raise, without DATASETS.SKIP_INVALID); then log the summary of
-    ``problems`` and require one instance (of ``total`` annotations before repairs) in a training set."""
+    ``problems`` and require one instance (of ``total`` annotations before repairs) in a training set. With
+    ``image_root`` (a COCO file's records) messages also name the image id and say where images were looked for."""
     labels = [f" (image id {r['image_id']!r})" if image_root is not None else "" for r in records]
     bad = check_image_files([(r["file_name"], r.get("height"), r.get("width"), label)
                              for r, label in zip(records, labels)], where, options, problems, image_root)
