@@ -47,9 +47,42 @@ def probe(code: str) -> bool:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=tempfile.gettempdir()).returncode == 0
 
 
+def unmet_requirements(path: Path) -> list[str] | None:
+    """The lines of a requirements file that the installed distributions do not satisfy; None if that cannot be told
+    here (``packaging`` missing, or a line it cannot parse), so that pip decides."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+        from packaging.requirements import InvalidRequirement, Requirement
+    except ImportError:
+        return None
+    unmet = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            return None
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        try:
+            installed = version(req.name)
+        except PackageNotFoundError:
+            unmet.append(line)
+            continue
+        if not req.specifier.contains(installed, prereleases=True):
+            unmet.append(line)
+    return unmet
+
+
 def install_requirements() -> None:
-    log("pip dependencies from requirements.txt (already satisfied ones are left alone)")
-    pip("install", "-r", str(ROOT / "requirements.txt"))
+    requirements = ROOT / "requirements.txt"
+    if unmet_requirements(requirements) == []:
+        log("pip dependencies: every line of requirements.txt is already satisfied; pip not run")
+    else:
+        log("pip dependencies from requirements.txt (already satisfied ones are left alone)")
+        pip("install", "-r", str(requirements))
     if not probe("import lvis"):
         pip("install", "--no-deps", LVIS_REQ)
 
