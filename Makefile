@@ -7,7 +7,7 @@ SHAPES_CFG ?= configs/diffinst.shapes.res18.demo.yaml
 SHAPES_OUT ?= output/shapes_res18
 SEED ?= 0
 # Detections drawn by the demo and in predictions.png: those scoring above the usual 0.5. After its short CPU schedule
-# the embedded default scores about half of the objects above 0.5; `make demo DEMO_THRESHOLD=0.3` draws more of
+# the embedded default scores 37-42% of the objects above 0.5; `make demo DEMO_THRESHOLD=0.3` draws more of
 # them, with more wrong classes (README).
 DEMO_THRESHOLD ?= 0.5
 
