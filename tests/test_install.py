@@ -27,8 +27,9 @@ def test_unmet_requirements_reads_pins_ranges_markers_and_comments(tmp_path):
                    "no-such-package-xyz==1.0; python_version < '3'\n")
     assert unmet_requirements(met) == []
     unmet = tmp_path / "unmet.txt"
-    unmet.write_text(f"pytest=={pytest_version}\npytest<1\nno-such-package-xyz==1.0\nnumpy>=1\n")
-    assert unmet_requirements(unmet) == ["pytest<1", "no-such-package-xyz==1.0"]
+    url = "no-such-package-abc @ https://example.invalid/abc-1.0-py3-none-any.whl#sha256=00"
+    unmet.write_text(f"pytest=={pytest_version}\npytest<1\nno-such-package-xyz==1.0\nnumpy>=1\n{url}  # a URL\n")
+    assert unmet_requirements(unmet) == ["pytest<1", "no-such-package-xyz==1.0", url]
     broken = tmp_path / "broken.txt"
     broken.write_text("-e .\n")
     assert unmet_requirements(broken) is None  # pip's own options: let pip read the file

@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import html.parser
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,7 +58,7 @@ def unmet_requirements(path: Path) -> list[str] | None:
         return None
     unmet = []
     for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
+        line = re.sub(r"(^|\s)#.*", "", line).strip()  # pip's comment rule: "#" at the start or after a space
         if not line:
             continue
         try:
@@ -78,10 +79,12 @@ def unmet_requirements(path: Path) -> list[str] | None:
 
 def install_requirements() -> None:
     requirements = ROOT / "requirements.txt"
-    if unmet_requirements(requirements) == []:
+    unmet = unmet_requirements(requirements)
+    if unmet == []:
         log("pip dependencies: every line of requirements.txt is already satisfied; pip not run")
     else:
-        log("pip dependencies from requirements.txt (already satisfied ones are left alone)")
+        missing = f" (not met here: {', '.join(unmet)})" if unmet else ""
+        log(f"pip dependencies from requirements.txt{missing}; already satisfied ones are left alone")
         pip("install", "-r", str(requirements))
     if not probe("import lvis"):
         pip("install", "--no-deps", LVIS_REQ)
