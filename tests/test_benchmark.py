@@ -1,4 +1,4 @@
-"""The benchmark (diffusioninst.benchmark, tools/benchmark.py) on the tiny shapes model: structure and sanity of the
+"""The benchmark (benchmarks, tools/benchmark.py) on the tiny shapes model: structure and sanity of the
 results, not speed."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from detectron2.modeling import build_model
 
 from conftest import CONFIGS, ROOT, TINY_OPTS, tiny_cfg
-from diffusioninst import benchmark as bench
+import benchmarks as bench
 from diffusioninst.modeling.meta_arch import DiffusionInst
 
 pytestmark = pytest.mark.slow  # runs the benchmark end to end
@@ -119,7 +119,7 @@ def test_instrumentation_is_removed_after_the_call(one_thread):
     cfg = tiny_cfg()
     model = build_model(cfg).eval()
     from diffusioninst.modeling import postprocess as meta_arch
-    from diffusioninst.original_release import inference as ref  # the module whose helpers are wrapped  # where inference's mask helpers live
+    from benchmarks.original_release import inference as ref  # the module whose helpers are wrapped
 
     before = (meta_arch.DynamicMaskWindows.window, meta_arch.masks_to_image, ref.head_forward, ref.stage_forward)
     cases = bench.inference_cases(model, cfg, bench.random_images(1, (64, 96)), ["ours", "original"], [1])
@@ -137,7 +137,7 @@ def test_instrumentation_is_removed_after_the_call(one_thread):
 
 def test_train_mode_times_both_impls_interleaved_on_the_same_batch(one_thread, monkeypatch):
     """--mode train --impl both: ours and the original alternate, each on the same inputs; table and speed-up."""
-    from diffusioninst import original_release as ref
+    from benchmarks import original_release as ref
     order, batches = [], []
     original_forward = ref.original_training_forward
     ours_forward = DiffusionInst.forward

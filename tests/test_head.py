@@ -5,7 +5,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
-from diffusioninst import original_release as ref
+from benchmarks import original_release as ref
 from conftest import tiny_cfg
 from diffusioninst.modeling.mask_branch import MaskRefine, aligned_bilinear
 

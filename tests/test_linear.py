@@ -96,7 +96,7 @@ def test_same_state_dict_as_nn_linear():
 def test_config_switch_and_the_reference_uses_torch_linear():
     from detectron2.modeling import build_model
 
-    from diffusioninst import original_release as ref
+    from benchmarks import original_release as ref
     from conftest import tiny_cfg
 
     def kinds(model):

@@ -7,7 +7,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import Instances, pairwise_iou
 
-from diffusioninst import original_release as ref
+from benchmarks import original_release as ref
 from conftest import register_shapes_at, tiny_cfg, train_tiny_on_shapes
 
 

@@ -10,7 +10,7 @@ from detectron2.layers import ROIAlign
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 
-from diffusioninst import original_release as ref
+from benchmarks import original_release as ref
 from conftest import tiny_cfg
 from diffusioninst.modeling.diffusion import corrupt_boxes, pad_boxes
 from diffusioninst.layers import ROIAlignCPU

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time DiffusionInst inference (ours and the original release's code path) and training; print a table, write JSON.
 
-The logic lives in ``diffusioninst.benchmark``; this is its command line.
+The logic lives in ``benchmarks``; this is its command line.
 
   tools/benchmark.py --config-file CFG [--mode inference|train|all] [--batch-size 8] [--warmup 2] [--repeats 5]
                      [--image-size 800x1216 | --shapes] [--impl ours|original|both|onnx] [--json out.json] [KEY VALUE ...]
@@ -10,7 +10,7 @@ Inference: images/s and ms/image at batch 1 and at --batch-size (``model.inferen
 after warm-up calls, over N timed calls (median, min/max, IQR), a breakdown of one call (preprocess,
 backbone+FPN, mask branch, decoder over all DDIM steps, everything after the decoder) measured by wrapping the model's
 own calls with timers in separate, instrumented calls, and peak memory from one more call per case. ``--impl original``
-runs the original release's inference as re-stated in ``diffusioninst/original_release`` (batch 1 only) on the same
+runs the original release's inference as re-stated in ``benchmarks/original_release`` (batch 1 only) on the same
 weights and initial boxes. Training: s/iteration (forward, backward, optimizer step from ``diffusioninst.build_optimizer``) and peak memory
 (one more iteration);
 ``--impl original`` trains with the original release's loss computation and optimizer as re-stated in the same file
@@ -34,8 +34,8 @@ from typing import Any, Dict, Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import diffusioninst  # noqa: E402,F401  (compat shims and registrations come first)
-from diffusioninst.benchmark import format_report, run_benchmark  # noqa: E402
-from diffusioninst.benchmark.runs import parse_size  # noqa: E402
+from benchmarks import format_report, run_benchmark  # noqa: E402
+from benchmarks.runs import parse_size  # noqa: E402
 
 def get_parser() -> argparse.ArgumentParser:
     """Command-line arguments."""

@@ -1,5 +1,5 @@
 """The benchmark's runs: the model and inputs of a config, inference and training cases of this package's code path and
-of the original release's (``diffusioninst.original_release``), interleaved on the same weights and inputs."""
+of the original release's (``benchmarks.original_release``), interleaved on the same weights and inputs."""
 from __future__ import annotations
 
 import contextlib
@@ -21,10 +21,12 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from torch import nn
 
-from .. import DiffusionInstDatasetMapper, build_optimizer, get_diffusioninst_cfg, original_release
-from ..data import register_datasets_from_cfg
-from ..engine import training_amp_dtype
-from ..runtime import configure_runtime
+from diffusioninst import DiffusionInstDatasetMapper, build_optimizer, get_diffusioninst_cfg
+
+from . import original_release
+from diffusioninst.data import register_datasets_from_cfg
+from diffusioninst.engine import training_amp_dtype
+from diffusioninst.runtime import configure_runtime
 from .measure import (
     instrument_ours, instrument_original, instrumented_call, median_parts, memory_call,
     summarize, synchronize, timed_call,
@@ -216,7 +218,7 @@ def _onnx_call(model: nn.Module, cfg: CfgNode, image: torch.Tensor, init: torch.
 
     import onnxruntime
 
-    from ..export import export_onnx
+    from diffusioninst.export import export_onnx
 
     steps = len(model.sampler.time_pairs)
     if steps > 1:

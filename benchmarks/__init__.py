@@ -1,5 +1,5 @@
 """The speed and memory benchmark behind tools/benchmark.py: this package's code path against the original release's
-(``diffusioninst.original_release``), on the same weights and inputs, in one run."""
+(``benchmarks.original_release``), on the same weights and inputs, in one run."""
 from .measure import PART_LABELS, SUB_PARTS, TOP_PARTS, PartTimer, instrumented_call, median_parts
 from .report import format_report
 from .runs import (

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..runtime import malloc_trim
+from diffusioninst.runtime import malloc_trim
 
 TOP_PARTS = ("preprocess", "backbone_fpn", "mask_branch", "decoder", "after_decoder")  # sum to the call's total
 SUB_PARTS = ("mask_head", "paste_masks")  # parts of after_decoder
