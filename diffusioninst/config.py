@@ -72,6 +72,7 @@ def add_diffusioninst_config(cfg: CN) -> None:
     d.DDIM_ETA = 1.0  # DDIM eta (1: stochastic, 0: deterministic)
 
     # Inference.
+    d.POSTPROCESS = "auto"  # "batched" (few big ops: GPUs), "sparse" (box by box: CPU), "auto": sparse on CPU_KERNELS
     d.USE_NMS = True  # per-class NMS on the final (or ensembled) predictions
     d.NMS_THRESH = 0.5  # IoU threshold of that NMS
     d.BOX_RENEWAL = True  # between steps, drop boxes scoring below RENEWAL_THRESHOLD and refill with noise
@@ -331,6 +332,8 @@ def check_config(cfg: CN) -> None:
         problems.append(
             f"MODEL.DiffusionInst.SAMPLE_STEP ({d.SAMPLE_STEP}) cannot exceed NUM_TIMESTEPS ({d.NUM_TIMESTEPS})"
         )
+    if d.POSTPROCESS not in ("auto", "batched", "sparse"):
+        problems.append(f"MODEL.DiffusionInst.POSTPROCESS must be auto, batched or sparse, got {d.POSTPROCESS!r}")
     if d.MASK_BOX_SEARCH_SCALE <= 0:
         problems.append(f"MODEL.DiffusionInst.MASK_BOX_SEARCH_SCALE must be positive, got {d.MASK_BOX_SEARCH_SCALE}")
     if d.FILTER_SIGNAL_RANGE <= 0:

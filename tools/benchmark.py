@@ -4,7 +4,8 @@
 The logic lives in ``benchmarks``; this is its command line.
 
   tools/benchmark.py --config-file CFG [--mode inference|train|all] [--batch-size 8] [--warmup 2] [--repeats 5]
-                     [--image-size 800x1216 | --shapes] [--impl ours|original|both|onnx] [--json out.json] [KEY VALUE ...]
+                     [--image-size 800x1216 | --shapes] [--impl ours|original|both|onnx] [--json out.json]
+                     [--count-ops] [KEY VALUE ...]
 
 Inference: images/s and ms/image at batch 1 and at --batch-size (``model.inference`` in eval mode under no_grad),
 after warm-up calls, over N timed calls (median, min/max, IQR), a breakdown of one call (preprocess,
@@ -20,6 +21,8 @@ the same model and batch. ``--impl onnx`` times this package's PyTorch inference
 Timed calls run as in a long evaluation or training loop: the C allocator keeps what earlier calls freed (with
 MODEL.DEVICE cpu and CPU_KEEP_FREED_MEMORY, as tools/train_net.py and tools/demo.py set it up, for both code paths);
 each memory call starts from a trimmed heap, so that its peak is its own.
+``--count-ops`` times nothing: it counts the kernel-launching ops and host syncs of one call of each case
+(``benchmarks/count_ops.py``), what the call would cost a GPU in launches and stalls, on any device.
 Weights come from MODEL.WEIGHTS; with MODEL.WEIGHTS "" they are a random init, and the detection counts (hence the
 post-processing time) are not those of a trained model.
 """
@@ -35,7 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import diffusioninst  # noqa: E402,F401  (compat shims and registrations come first)
 from benchmarks import format_report, run_benchmark  # noqa: E402
+from benchmarks.count_ops import format_counts, run_count_ops  # noqa: E402
 from benchmarks.runs import parse_size  # noqa: E402
+
 
 def get_parser() -> argparse.ArgumentParser:
     """Command-line arguments."""
@@ -58,6 +63,10 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0, help="weights init, inputs and initial boxes")
     parser.add_argument("--json", metavar="FILE", help="write every measurement here")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="instead of timing: count kernel-launching aten ops and host syncs of one inference call "
+                        "(batch 1 and --batch-size) and/or one training iteration at --batch-size "
+                        "(benchmarks/count_ops.py; deterministic, device-independent)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs")
     return parser
 
@@ -65,9 +74,16 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the benchmark from command-line arguments, print the tables and write the JSON."""
     args = get_parser().parse_args(argv)
-    results = run_benchmark(args.config_file, args.opts, args.mode, args.impl, args.batch_size, args.warmup,
-                            args.repeats, args.image_size, args.shapes, args.threads, args.seed)
-    print(format_report(results))
+    if args.count_ops:
+        if args.impl == "onnx" or args.shapes:
+            raise SystemExit("--count-ops counts --impl ours, original or both on random inputs (--image-size)")
+        results = run_count_ops(args.config_file, args.opts, args.mode, args.impl, args.batch_size, args.image_size,
+                                args.seed)
+        print(format_counts(results))
+    else:
+        results = run_benchmark(args.config_file, args.opts, args.mode, args.impl, args.batch_size, args.warmup,
+                                args.repeats, args.image_size, args.shapes, args.threads, args.seed)
+        print(format_report(results))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from detectron2.layers import batched_nms
+from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes, Instances
 from torch import nn
 
@@ -55,7 +56,8 @@ def xyxy_to_cxcywh(x):
 def stage_forward(stage, features, bboxes, pro_features, pooler, time_emb):
     n_img, nr_boxes = bboxes.shape[:2]
     d = stage.d_model
-    roi_features = pooler(features, [Boxes(bboxes[b]) for b in range(n_img)])
+    # detectron2's own multi-level pooling (our head's pooler subclasses it with a sync-free path for GPUs)
+    roi_features = ROIPooler.forward(pooler, features, [Boxes(bboxes[b]) for b in range(n_img)])
     if pro_features is None:
         pro_features = roi_features.view(n_img, nr_boxes, d, -1).mean(-1)
     roi_features = roi_features.view(n_img * nr_boxes, d, -1).permute(2, 0, 1)

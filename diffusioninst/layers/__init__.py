@@ -5,7 +5,8 @@
 
 Both keep the parameters, state_dict and outputs of the layers they stand in for, and fall back to the plain
 torchvision/torch op wherever the fast one does not apply (CUDA, other dtypes, autocast, builds without the op).
-The model code uses plain ``nn.Linear`` and detectron2's ``ROIPooler``; :func:`use_cpu_kernels` swaps them.
+The model code uses plain ``nn.Linear`` and detectron2's ``ROIPooler`` (as :class:`LevelSelectROIPooler`, which
+pools without host syncs off the CPU kernels); :func:`use_cpu_kernels` swaps them.
 """
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from torch import nn
 
 from .linear import OneDNNLinear, onednn_linear, onednn_linear_available
 from .roi_align import ROIAlignCPU, parallel_roi_align, roi_align_fast_backward, roi_align_matrix
+from .roi_pool import LevelSelectROIPooler
 
 __all__ = [
+    "LevelSelectROIPooler",
     "OneDNNLinear",
     "ROIAlignCPU",
     "onednn_linear",

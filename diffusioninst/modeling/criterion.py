@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ from ..data.datasets import class_image_count
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .dynamic_mask_head import dynamic_mask_logits
 from .losses import dice_loss, fed_loss_class_weights, federated_loss_classes, giou_loss, l1_box_loss
-from .matcher import DynamicKMatcher
+from .matcher import DynamicKMatcher, PaddedTargets, pad_targets
 
 __all__ = ["SetCriterion", "downsample_gt_masks"]
 
@@ -137,40 +137,40 @@ class SetCriterion(nn.Module):
         Each target holds ``labels`` (G,), ``boxes_xyxy`` (G, 4) absolute, ``image_size_xyxy`` (4,) and
         ``masks`` (G, H, W) at the (unpadded) input resolution.
         """
-        gt_masks = [downsample_gt_masks(t["masks"], mask_feats.shape[-2:], self.mask_stride) for t in targets]
+        # Ground truth of the whole batch in one tensor each, made once: every stage gathers its matches from them.
+        gt = pad_targets(targets, pred_boxes.device, pred_boxes.dtype)
+        gt_masks = torch.cat([downsample_gt_masks(t["masks"], mask_feats.shape[-2:], self.mask_stride)
+                              for t in targets]).to(mask_feats.device)  # (sum of G, h, w)
+        offsets = torch.tensor([0] + gt.counts[:-1], device=mask_feats.device).cumsum(0)
         num_stages = pred_logits.shape[0]
         losses: Dict[str, torch.Tensor] = {}
         for s in range(num_stages):
             last = s == num_stages - 1
             suffix = "" if last else f"_{s}"
-            indices = self.matcher(pred_logits[s], pred_boxes[s], targets)
-            stage = self.loss_labels(pred_logits[s], targets, indices)
+            matches = self._gather(*self.matcher.match(pred_logits[s], pred_boxes[s], gt))
+            stage = self.loss_labels(pred_logits[s], gt, matches)
             if self.use_box_loss:
-                stage.update(self.loss_boxes(pred_boxes[s], targets, indices))
+                stage.update(self.loss_boxes(pred_boxes[s], gt, matches))
             if last or self.mask_deep_supervision:
-                stage.update(self.loss_masks(pred_filters[s], mask_feats, gt_masks, indices))
+                target = gt_masks[offsets[matches[0]] + matches[2]]
+                stage.update(self.loss_masks(pred_filters[s], mask_feats, target, matches))
             losses.update({k + suffix: v * self.weight_dict[k] for k, v in stage.items()})
         return losses
 
     @staticmethod
-    def _gather(indices: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Flatten per-image matches into (image index, query index, gt index) over the batch."""
-        img, qry, gt = [], [], []
-        for b, (selected, gt_idx) in enumerate(indices):
-            q = selected.nonzero(as_tuple=True)[0]
-            img.append(torch.full_like(q, b))
-            qry.append(q)
-            gt.append(gt_idx.to(q.device).long())
-        return torch.cat(img), torch.cat(qry), torch.cat(gt)
+    def _gather(selected: torch.Tensor, first_gt: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Matches selected (B, N) bool, gt index (B, N) -> (image index, query index, gt index), each (S,), in
+        image-then-query order (one host sync: the number of matches)."""
+        img, qry = selected.nonzero(as_tuple=True)
+        return img, qry, first_gt[img, qry]
 
-    def loss_labels(self, logits: torch.Tensor, targets, indices) -> Dict[str, torch.Tensor]:
+    def loss_labels(self, logits: torch.Tensor, gt: PaddedTargets, matches) -> Dict[str, torch.Tensor]:
         """Sigmoid focal (or BCE with the federated loss) over all B x N x K logits."""
         b, n, k = logits.shape
-        img, qry, gt = self._gather(indices)
+        img, qry, gt_idx = matches
         target_classes = torch.full((b, n), k, dtype=torch.int64, device=logits.device)
         if len(qry):
-            labels = torch.cat([t["labels"][g] for t, (_, g) in zip(targets, indices)])
-            target_classes[img, qry] = labels.to(logits.device)
+            target_classes[img, qry] = gt.labels[img, gt_idx].to(logits.device)
         onehot = F.one_hot(target_classes, k + 1)[..., :k].to(logits.dtype).flatten(0, 1)
         flat = logits.flatten(0, 1)
         if self.use_focal:
@@ -187,15 +187,15 @@ class SetCriterion(nn.Module):
         num_matched = max(len(qry), 1)
         return {"loss_ce": cls_loss.sum() / num_matched}
 
-    def loss_boxes(self, boxes: torch.Tensor, targets, indices) -> Dict[str, torch.Tensor]:
+    def loss_boxes(self, boxes: torch.Tensor, gt: PaddedTargets, matches) -> Dict[str, torch.Tensor]:
         """L1 on boxes normalised by the image size, and GIoU on absolute boxes, over matched proposals."""
-        img, qry, gt = self._gather(indices)
+        img, qry, gt_idx = matches
         if len(qry) == 0:
             zero = boxes.sum() * 0
             return {"loss_bbox": zero, "loss_giou": zero}
         src = boxes[img, qry]
-        whwh = torch.stack([targets[i]["image_size_xyxy"] for i in range(len(targets))]).to(src)[img]
-        tgt = torch.cat([t["boxes_xyxy"][g] for t, (_, g) in zip(targets, indices)]).to(src)
+        whwh = gt.whwh[:, 0].to(src)[img]
+        tgt = gt.boxes[img, gt_idx].to(src)
         # The original compares against the normalised cx,cy,w,h target mapped back to x1,y1,x2,y2.
         tgt_norm = box_cxcywh_to_xyxy(box_xyxy_to_cxcywh(tgt / whwh))
         num = len(qry)
@@ -204,13 +204,15 @@ class SetCriterion(nn.Module):
             "loss_giou": giou_loss(src, tgt).sum() / num,
         }
 
-    def loss_masks(self, filters: torch.Tensor, mask_feats: torch.Tensor, gt_masks, indices) -> Dict[str, torch.Tensor]:
-        """Dice loss of phi(F_mask; theta) against ground-truth masks sampled at stride 4."""
-        img, qry, gt = self._gather(indices)
+    def loss_masks(self, filters: torch.Tensor, mask_feats: torch.Tensor, target: torch.Tensor,
+                   matches) -> Dict[str, torch.Tensor]:
+        """Dice loss of phi(F_mask; theta) against the matched ground-truth masks ``target`` (S, h, w), sampled at
+        stride 4."""
+        img, qry, _ = matches
         if len(qry) == 0:
             return {"loss_masks": filters.sum() * 0 + mask_feats.sum() * 0}
         in_ch, ch, layers = self.mask_head_layout
         # The dice sums run over every cell: in float32 also under autocast.
         logits = dynamic_mask_logits(mask_feats, filters[img, qry], img, in_ch, ch, layers).float()
-        target = torch.cat([m[g.to(m.device)] for m, (_, g) in zip(gt_masks, indices)]).to(logits)
+        target = target.to(logits)
         return {"loss_masks": dice_loss(logits.sigmoid(), target).sum() / len(qry)}

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.modeling.poolers import ROIPooler
 from detectron2.structures import Boxes
 from torch import nn
 
+from ..layers.roi_pool import LevelSelectROIPooler
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .diffusion import signal_from_filters
 from .dynamic_mask_head import dynamic_mask_logits, num_mask_head_params
@@ -181,7 +181,7 @@ class DiffusionInstHead(nn.Module):
         self,
         stage: DecoderStage,
         num_stages: int,
-        box_pooler: ROIPooler,
+        box_pooler: LevelSelectROIPooler,
         hidden_dim: int,
         num_mask_levels: int = 3,
         mask_branch_channels: int = 128,
@@ -246,7 +246,7 @@ class DiffusionInstHead(nn.Module):
             num_cls=d.NUM_CLS, num_reg=d.NUM_REG, dim_dynamic=d.DIM_DYNAMIC, num_dynamic=d.NUM_DYNAMIC,
             pooler_resolution=resolution,
         )
-        box_pooler = ROIPooler(
+        box_pooler = LevelSelectROIPooler(
             output_size=resolution, scales=tuple(1.0 / input_shape[f].stride for f in in_features),
             sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO, pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE,
         )

@@ -1,13 +1,41 @@
 """DiffusionDet's dynamic-k (SimOTA-style) label assignment, batched over images and ground truths."""
 from __future__ import annotations
 
+from typing import Dict, List, NamedTuple, Tuple
+
 import torch
+import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import Tensor, nn
 
 from .box_ops import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou
 
-__all__ = ["DynamicKMatcher", "in_boxes_and_centers", "dynamic_k_match"]
+__all__ = ["DynamicKMatcher", "PaddedTargets", "pad_targets", "in_boxes_and_centers", "dynamic_k_match"]
+
+
+class PaddedTargets(NamedTuple):
+    """A batch's ground truth padded to its largest image's G: labels (B, G) long, boxes (B, G, 4) abs xyxy (padding
+    0, 0, 1, 1), valid (B, G) bool, whwh (B, 1, 4) and the number of gts of each image (host ints)."""
+
+    labels: Tensor
+    boxes: Tensor
+    valid: Tensor
+    whwh: Tensor
+    counts: List[int]
+
+
+def pad_targets(targets: List[Dict[str, Tensor]], device: torch.device, dtype: torch.dtype) -> PaddedTargets:
+    """Targets (``labels``, ``boxes_xyxy``, ``image_size_xyxy`` per image) as :class:`PaddedTargets` on ``device``,
+    without host syncs (the sizes are the tensors' shapes)."""
+    counts = [int(t["labels"].shape[0]) for t in targets]
+    max_gt = max(counts, default=0)
+    valid = torch.arange(max_gt, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
+    pad_box = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=dtype, device=device)
+    labels = torch.stack([F.pad(t["labels"].to(device), (0, max_gt - n)) for t, n in zip(targets, counts)])
+    boxes = torch.stack([torch.cat([t["boxes_xyxy"].to(device, dtype), pad_box.expand(max_gt - n, 4)])
+                         for t, n in zip(targets, counts)])
+    whwh = torch.stack([t["image_size_xyxy"] for t in targets]).to(device, dtype)[:, None, :]
+    return PaddedTargets(labels, boxes, valid, whwh, counts)
 
 
 def in_boxes_and_centers(pred_boxes: Tensor, gt_boxes: Tensor, center_radius: float = 2.5) -> tuple[Tensor, Tensor]:
@@ -130,23 +158,22 @@ class DynamicKMatcher(nn.Module):
 
         Returns per image (selected (N,) bool, gt index of each selected query (S,) long).
         """
-        batch, num_queries = pred_logits.shape[:2]
-        if len(targets) != batch:
-            raise ValueError(f"{len(targets)} targets for a batch of {batch}")
-        device = pred_logits.device
-        num_gts = [int(t["labels"].shape[0]) for t in targets]
-        max_gt = max(num_gts, default=0)
-        if max_gt == 0:
-            empty = torch.zeros(num_queries, dtype=torch.bool, device=device)
-            return [(empty.clone(), torch.zeros(0, dtype=torch.long, device=device)) for _ in targets]
+        if len(targets) != pred_logits.shape[0]:
+            raise ValueError(f"{len(targets)} targets for a batch of {pred_logits.shape[0]}")
+        selected, first_gt = self.match(pred_logits, pred_boxes, pad_targets(targets, pred_logits.device,
+                                                                             pred_boxes.dtype))
+        per_image = first_gt[selected].split(selected.sum(-1).tolist())
+        return list(zip(selected.unbind(0), per_image))
 
-        counts = torch.tensor(num_gts, device=device)
-        valid = torch.arange(max_gt, device=device)[None, :] < counts[:, None]
-        labels = torch.zeros(batch, max_gt, dtype=torch.long, device=device)
-        gt_boxes = pred_boxes.new_tensor([0.0, 0.0, 1.0, 1.0]).repeat(batch, max_gt, 1)
-        labels[valid] = torch.cat([t["labels"] for t in targets]).to(device)
-        gt_boxes[valid] = torch.cat([t["boxes_xyxy"] for t in targets]).to(gt_boxes)
-        whwh = torch.stack([t["image_size_xyxy"] for t in targets]).to(pred_boxes)[:, None, :]
+    @torch.no_grad()
+    def match(self, pred_logits: Tensor, pred_boxes: Tensor, gt: PaddedTargets) -> Tuple[Tensor, Tensor]:
+        """Batched matching of (B, N, K) logits and (B, N, 4) abs xyxy boxes to padded targets -> selected (B, N)
+        bool and the gt index (B, N) long of each selected query (0 elsewhere)."""
+        batch, num_queries = pred_logits.shape[:2]
+        if gt.labels.shape[1] == 0:
+            zeros = torch.zeros((batch, num_queries), dtype=torch.long, device=pred_logits.device)
+            return zeros.bool(), zeros
+        labels, gt_boxes, valid, whwh = gt.labels, gt.boxes.to(pred_boxes), gt.valid, gt.whwh.to(pred_boxes)
 
         if self.use_focal or self.use_fed_loss:
             prob = pred_logits.sigmoid()
@@ -169,7 +196,4 @@ class DynamicKMatcher(nn.Module):
         ious = torch.where(valid[:, None, :], ious, torch.zeros_like(ious))
 
         matching = dynamic_k_match(cost, ious, valid, self.ota_k)
-        selected = matching.any(-1)
-        first_gt = matching.to(torch.uint8).argmax(-1)
-        per_image = first_gt[selected].split(selected.sum(-1).tolist())
-        return list(zip(selected.unbind(0), per_image))
+        return matching.any(-1), matching.to(torch.uint8).argmax(-1)

@@ -43,7 +43,7 @@ class DiffusionInst(nn.Module):
         pixel_mean: Sequence[float], pixel_std: Sequence[float], num_timesteps: int = 1000, snr_scale: float = 2.0,
         use_nms: bool = True, nms_thresh: float = 0.5, max_detections: int = 100, mask_threshold: float = 0.5,
         inference_seed: int = -1, inference_dtype: Optional[str] = None, channels_last: bool = False,
-        compile_backbone: bool = False,
+        compile_backbone: bool = False, postprocess: str = "auto", cpu_kernels: bool = True,
     ):
         super().__init__()
         for name, tensor in diffusion_buffers(num_timesteps).items():  # the original's state_dict holds them
@@ -59,6 +59,7 @@ class DiffusionInst(nn.Module):
         self.inference_seed = inference_seed
         self.inference_dtype = getattr(torch, inference_dtype) if inference_dtype else None
         self.channels_last, self.compile_backbone = channels_last, compile_backbone
+        self.postprocess, self.cpu_kernels = postprocess, cpu_kernels
         self.filter_denoising = head.filter_embed is not None
         self.num_mask_params = num_mask_head_params(*head.mask_head_layout)
 
@@ -76,11 +77,20 @@ class DiffusionInst(nn.Module):
             "max_detections": cfg.TEST.DETECTIONS_PER_IMAGE, "mask_threshold": d.MASK_THRESHOLD,
             "inference_seed": d.INFERENCE_SEED, "inference_dtype": cfg.TEST.AMP.DTYPE if cfg.TEST.AMP.ENABLED else None,
             "channels_last": cfg.TEST.CHANNELS_LAST, "compile_backbone": cfg.TEST.COMPILE,
+            "postprocess": d.POSTPROCESS, "cpu_kernels": d.CPU_KERNELS,
         }
 
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
+
+    @property
+    def batched_postprocess(self) -> bool:
+        """Whether post-processing runs in batched ops (POSTPROCESS "batched", or "auto" off the CPU kernels' path:
+        any device but the CPU, or CPU_KERNELS False) rather than box by box."""
+        if self.postprocess != "auto":
+            return self.postprocess == "batched"
+        return self.device.type != "cpu" or not self.cpu_kernels
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> Tuple[ImageList, torch.Tensor]:
         """Normalise and pad images; also returns each image's unpadded (w, h, w, h) as (B, 4) float."""
@@ -123,12 +133,13 @@ class DiffusionInst(nn.Module):
 
     def prepare_targets(self, gt_instances: List[Instances], whwh: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
         """Per-image dicts of labels, absolute boxes, normalised cx,cy,w,h boxes, image size and masks."""
+        all_labels = torch.cat([inst.gt_classes for inst in gt_instances])
+        if len(all_labels) and int(all_labels.max()) >= self.num_classes:  # one host sync for the batch
+            raise ValueError(f"ground-truth class id {int(all_labels.max())} >= MODEL.DiffusionInst.NUM_CLASSES "
+                             f"({self.num_classes}); set NUM_CLASSES to the dataset's number of classes")
         targets = []
         for inst, image_whwh in zip(gt_instances, whwh):
             labels = inst.gt_classes
-            if len(labels) and int(labels.max()) >= self.num_classes:
-                raise ValueError(f"ground-truth class id {int(labels.max())} >= MODEL.DiffusionInst.NUM_CLASSES "
-                                 f"({self.num_classes}); set NUM_CLASSES to the dataset's number of classes")
             h, w = inst.image_size
             masks = inst.gt_masks.tensor if inst.has("gt_masks") else torch.zeros((0, h, w), device=self.device)
             boxes_xyxy = inst.gt_boxes.tensor
@@ -220,6 +231,7 @@ class DiffusionInst(nn.Module):
 
             steps = self.sampler.sample(decode, whwh, x_init, generators, step_noise)
         mask_feats = mask_feats.float()
+        batched = self.batched_postprocess
         processed = []
         for b, (x, size) in enumerate(zip(batched_inputs, images.image_sizes)):
             out_size = (x.get("height", size[0]), x.get("width", size[1])) if do_postprocess else size
@@ -227,5 +239,5 @@ class DiffusionInst(nn.Module):
             processed.append({"instances": detections_to_instances(
                 image_steps, mask_feats[b], size, out_size, num_proposals=self.num_proposals,
                 nms_thresh=self.nms_thresh, use_nms=self.use_nms, max_detections=self.max_detections,
-                mask_head_layout=self.mask_head_layout, mask_threshold=self.mask_threshold)})
+                mask_head_layout=self.mask_head_layout, mask_threshold=self.mask_threshold, batched=batched)})
         return processed

@@ -1,22 +1,29 @@
-"""From decoder outputs to detectron2 ``Instances``: top-k over (proposal, class), NMS, masks at full size."""
+"""From decoder outputs to detectron2 ``Instances``: top-k over (proposal, class), NMS, masks at full size.
+
+Two paths give the same detections: a sparse one for CPU cores (masks computed box by box, only where a cell can
+pass the threshold: few multiply-adds, many small ops and host reads per detection) and a batched one for GPUs (a
+constant number of batched ops and host syncs whatever the number of detections: ``batched=True``).
+"""
 from __future__ import annotations
 
 import bisect
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+import torchvision
 from detectron2.layers import batched_nms
 from detectron2.structures import Boxes, Instances
 
-from .dynamic_mask_head import DynamicMaskWindows
+from .dynamic_mask_head import DynamicMaskWindows, parse_dynamic_params
 from .mask_branch import aligned_bilinear
 
 __all__ = [
-    "detections_to_instances", "select_topk", "nms_and_cap", "masks_to_image", "masks_to_image_dense",
-    "mask_extent_boxes",
+    "detections_to_instances", "select_topk", "nms_and_cap", "masks_to_image", "masks_to_image_batched",
+    "masks_to_image_dense", "mask_extent_boxes",
 ]
 
 BAND_CHUNK = 64  # output rows (columns) per tile of the banded mask-resize products
+MASK_CHUNK_ELEMENTS = 1 << 27  # output pixels of a chunk of detections, batched mask path (512 MB of float32)
 
 
 def select_topk(
@@ -34,10 +41,19 @@ def select_topk(
 
 
 def nms_and_cap(
-    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, nms_thresh: float, use_nms: bool, max_dets: int
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, nms_thresh: float, use_nms: bool, max_dets: int,
+    batched: bool = False,
 ) -> torch.Tensor:
-    """Indices surviving per-class NMS (if enabled), sorted by score, at most ``max_dets`` (<= 0: no cap)."""
-    if use_nms:
+    """Indices surviving per-class NMS (if enabled), sorted by score, at most ``max_dets`` (<= 0: no cap).
+
+    ``batched``: always one NMS over boxes offset by class (detectron2's ``batched_nms`` also does this below 1000
+    boxes on CPU, 5000 on GPU; above, it runs one NMS per class, with a host sync each).
+    """
+    if use_nms and batched:
+        boxes = boxes.float()
+        offsets = labels.to(boxes) * (boxes.max() + 1)
+        keep = torchvision.ops.nms(boxes + offsets[:, None], scores, nms_thresh)
+    elif use_nms:
         keep = batched_nms(boxes.float(), scores, labels, nms_thresh)
     else:
         keep = scores.argsort(descending=True)
@@ -48,17 +64,19 @@ def detections_to_instances(
     steps: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]], mask_feats: torch.Tensor,
     input_size: Tuple[int, int], output_size: Tuple[int, int], *, num_proposals: int, nms_thresh: float,
     use_nms: bool, max_detections: int, mask_head_layout: Tuple[int, int, int], mask_threshold: float,
+    batched: bool = False,
 ) -> Instances:
     """One image's ``Instances`` at ``output_size`` from its sampling steps' last-stage (logits (N, K), boxes (N, 4)
     abs xyxy at ``input_size``, filters (N, P)) and its F_mask (c, h, w).
 
     Top-``num_proposals`` (proposal, class) pairs of every step are pooled, per-class NMS'd, rescaled to the output
-    size and clipped; the first ``max_detections`` (<= 0: all) non-empty boxes get binary masks, the dynamic mask
-    head running only inside their boxes.
+    size and clipped; the first ``max_detections`` (<= 0: all) non-empty boxes get binary masks. The sparse path
+    (default) runs the dynamic mask head only inside their boxes; ``batched`` runs it and the resize on whole maps
+    for all detections at once (:func:`masks_to_image_batched`), with the same results.
     """
     candidates = [select_topk(logits, boxes, filters, num_proposals) for logits, boxes, filters in steps]
     scores, labels, boxes, filters = (torch.cat(c) for c in zip(*candidates))
-    keep = nms_and_cap(boxes, scores, labels, nms_thresh, use_nms, 0)  # capped after empty boxes are dropped
+    keep = nms_and_cap(boxes, scores, labels, nms_thresh, use_nms, 0, batched)  # capped after empty boxes are dropped
     out_boxes = Boxes(boxes[keep])
     out_boxes.scale(output_size[1] / input_size[1], output_size[0] / input_size[0])
     out_boxes.clip(output_size)
@@ -70,6 +88,10 @@ def detections_to_instances(
     out.pred_boxes = out_boxes
     out.scores = scores[keep]
     out.pred_classes = labels[keep]
+    if batched:
+        out.pred_masks = masks_to_image_batched(mask_feats, filters[keep], mask_head_layout, input_size, output_size,
+                                                out_boxes.tensor, mask_threshold)
+        return out
     windows = DynamicMaskWindows(mask_feats, filters[keep], *mask_head_layout)
     out.pred_masks = masks_to_image(windows, input_size, output_size, out_boxes.tensor, mask_threshold)
     return out
@@ -88,6 +110,49 @@ def masks_to_image_dense(
     inside = (ys >= b[:, 1, None, None]) & (ys < b[:, 3, None, None]) & (xs >= b[:, 0, None, None]) & (
         xs < b[:, 2, None, None])
     return (full > threshold) & inside
+
+
+def masks_to_image_batched(
+    mask_feats: torch.Tensor, filters: torch.Tensor, mask_head_layout: Tuple[int, int, int],
+    input_size: Tuple[int, int], output_size: Tuple[int, int], boxes: torch.Tensor, threshold: float = 0.5,
+    stride: int = 4,
+) -> torch.Tensor:
+    """What :func:`masks_to_image` computes for ``DynamicMaskWindows(mask_feats, filters, *mask_head_layout)``, in a
+    constant number of batched ops per chunk of detections and no host reads: the dynamic mask head on the whole
+    map, then the resize as rows_weights @ probs @ cols_weights^T (the same sums as the sparse path's, whose terms
+    outside the band are exact zeros here).
+
+    mask_feats (c, h, w), filters (M, P), boxes (M, 4) in output coordinates -> bool (M, H_out, W_out). Chunks of
+    detections hold at most ``MASK_CHUNK_ELEMENTS`` output pixels (the float intermediates are that large).
+    """
+    out_h, out_w = output_size
+    num = filters.shape[0]
+    result = torch.zeros((num, out_h, out_w), dtype=torch.bool, device=mask_feats.device)
+    if num == 0:
+        return result
+    c, low_h, low_w = mask_feats.shape
+    wy = _resize_weights(low_h, input_size[0], out_h, stride, mask_feats.device).to(mask_feats.dtype)  # (H, h)
+    wx_t = _resize_weights(low_w, input_size[1], out_w, stride, mask_feats.device).to(mask_feats.dtype).t()  # (w, W)
+    weights, biases = parse_dynamic_params(filters, *mask_head_layout)
+    feats = mask_feats.reshape(c, low_h * low_w)
+    b = boxes.long()
+    ys = torch.arange(out_h, device=b.device)
+    xs = torch.arange(out_w, device=b.device)
+    in_rows = ((ys >= b[:, 1:2]) & (ys < b[:, 3:4]))[:, :, None]  # (M, H, 1)
+    in_cols = ((xs >= b[:, 0:1]) & (xs < b[:, 2:3]))[:, None, :]  # (M, 1, W)
+    chunk = max(1, MASK_CHUNK_ELEMENTS // (out_h * out_w))
+    for start in range(0, num, chunk):
+        stop = min(start + chunk, num)
+        x = feats.expand(stop - start, c, low_h * low_w)
+        for layer, (w, bias) in enumerate(zip(weights, biases)):
+            x = torch.baddbmm(bias[start:stop, :, None], w[start:stop], x)
+            if layer < len(weights) - 1:
+                x = x.relu_()
+        probs = x.view(stop - start, low_h, low_w).sigmoid_()
+        values = torch.matmul(wy, torch.matmul(probs, wx_t))  # (m, H, W): along x first, as the sparse path
+        torch.gt(values, threshold, out=result[start:stop])
+        result[start:stop] &= in_rows[start:stop] & in_cols[start:stop]
+    return result
 
 
 def _resize_weights(low_len: int, in_len: int, out_len: int, stride: int, device: torch.device) -> torch.Tensor:
