@@ -11,7 +11,7 @@ SEED ?= 0
 # them, with more wrong classes (README).
 DEMO_THRESHOLD ?= 0.5
 
-.PHONY: install data demo test
+.PHONY: install install-offline data demo test gpu-check
 
 install:
 	@if [ -n "$(VENV)" ] && [ ! -x "$(VENV)/bin/python" ]; then $(PYTHON) -m venv $(VENV); fi
@@ -28,3 +28,14 @@ demo: data
 
 test: install
 	$(PY) -m pytest -q tests
+
+# On a machine with a CUDA GPU: the cuda tests, CPU-vs-CUDA inference, float16-AMP training, DDP (2 GPUs), the
+# benchmark; one table, about 5 minutes. Without a GPU it says so and exits 0 (tools/gpu_check.py). Offline, with the
+# machine's own CUDA torch: `make gpu-check VENV= PY=python WHEELHOUSE=DIR` installs the rest from a wheelhouse
+# (`tools/install.py --build-wheelhouse DIR` on a connected machine) instead of the package index.
+WHEELHOUSE ?=
+gpu-check: $(if $(WHEELHOUSE),install-offline,install)
+	$(PY) tools/gpu_check.py
+
+install-offline:
+	$(PY) tools/install.py --wheelhouse $(WHEELHOUSE)

@@ -35,6 +35,18 @@ def load_cfg(name: str, *opts):
     return cfg
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``cuda`` are skipped, with the reason, where torch sees no CUDA GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"no CUDA GPU (torch {torch.__version__}); `make gpu-check` runs these on one")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory) -> str:
     """Root of a small shapes dataset generated once per session (pass it to register or DETECTRON2_DATASETS)."""

@@ -6,6 +6,14 @@ detectron2 is not on PyPI, so it is installed by the first of these that works:
   2. the official repository at a pinned commit (builds the C++/CUDA ops; needs GitHub);
   3. the Python sources of the PyPI sdist pb1-detectron2==0.6 (hash-checked), without compiled ops;
      diffusioninst.compat makes this work on today's Pillow / numpy / setuptools.
+
+Offline (a GPU machine with its own CUDA torch and torchvision and no network):
+  --build-wheelhouse DIR  on a connected machine where this installer has run: wheels of every installed
+                          dependency except torch and torchvision (and torch's own), pinned to the versions
+                          installed here, the detectron2 wheel built from the sdist, and DIR/requirements.txt;
+  --wheelhouse DIR        on the offline machine: keeps its torch and torchvision if they are compatible (importable,
+                          torch >= MIN_TORCH, torchvision's compiled ops load), installs the rest from DIR only
+                          (pip --no-index), then this checkout. The wheels are for this machine's Python and platform.
 """
 from __future__ import annotations
 
@@ -30,6 +38,9 @@ SDIST_NAME = "pb1-detectron2"
 SDIST_FILE = "pb1-detectron2-0.6.tar.gz"
 SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
 LVIS_REQ = "lvis==0.5.3"
+TORCH_PACKAGES = ("torch", "torchvision")  # the machine's own on a GPU machine: never in the wheelhouse
+MIN_TORCH = (2, 4)  # oldest torch a machine's own may be (this project is tested with requirements.txt's pin)
+WHEELHOUSE_REQUIREMENTS = "requirements.txt"  # inside the wheelhouse: one name==version per line
 
 
 def log(msg: str) -> None:
@@ -172,19 +183,24 @@ setup(
 """
 
 
+def _detectron2_build_dir(tmp: Path) -> Path:
+    """A buildable project of detectron2 v0.6's Python sources under ``tmp``, from the hash-checked sdist."""
+    sdist = fetch_sdist(tmp)
+    with tarfile.open(sdist) as tar:
+        tar.extractall(tmp, filter="data")
+    src = tmp / "pb1-detectron2-0.6"
+    build = tmp / "build"
+    build.mkdir()
+    shutil.copytree(src / "detectron2", build / "detectron2")
+    shutil.copy(src / "LICENSE", build / "LICENSE")
+    (build / "setup.py").write_text(SETUP_PY)
+    return build
+
+
 def install_sdist() -> None:
     """Path 3: install detectron2's Python package from the hash-checked sdist, with no compiled ops."""
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        sdist = fetch_sdist(tmp)
-        with tarfile.open(sdist) as tar:
-            tar.extractall(tmp, filter="data")
-        src = tmp / "pb1-detectron2-0.6"
-        build = tmp / "build"
-        build.mkdir()
-        shutil.copytree(src / "detectron2", build / "detectron2")
-        shutil.copy(src / "LICENSE", build / "LICENSE")
-        (build / "setup.py").write_text(SETUP_PY)
+        build = _detectron2_build_dir(Path(tmp))
         log("installing detectron2 0.6 (Python sources only, no compiled ops)")
         pip("install", "--no-deps", "--no-build-isolation", str(build))
 
@@ -211,15 +227,103 @@ def install_project() -> None:
     pip("install", "--no-deps", "--no-build-isolation", "-e", str(ROOT))
 
 
-def main() -> None:
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def wheelhouse_pins(requirements: Path) -> list[str]:
+    """name==version of every installed distribution that requirements.txt needs, with their dependencies, except
+    torch, torchvision and what only they pull in (nvidia-*, triton, ...): the closure walked through the installed
+    distributions' metadata, stopping at torch and torchvision; plus lvis (installed without its dependencies)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+    from packaging.requirements import Requirement
+
+    lines = [re.sub(r"(^|\s)#.*", "", line).strip() for line in requirements.read_text().splitlines()]
+    todo = [Requirement(line).name for line in lines if line]
+    skip = {_canonical(n) for n in TORCH_PACKAGES}
+    pins: dict[str, str] = {}
+    while todo:
+        name = _canonical(todo.pop())
+        if name in skip or name in pins:
+            continue
+        try:
+            dist = distribution(name)
+        except PackageNotFoundError:
+            raise SystemExit(f"[install] {name} is not installed here: run tools/install.py before building a "
+                             "wheelhouse") from None
+        pins[name] = dist.version
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return sorted([f"{name}=={pins[name]}" for name in pins] + [LVIS_REQ])  # lvis: without its dependencies
+
+
+def build_wheelhouse(dest: Path) -> None:
+    """Fill ``dest`` with wheels of the pinned dependencies (building those published only as sdists), the
+    detectron2 wheel built from the hash-checked sdist, and ``dest/requirements.txt`` naming them all."""
+    dest.mkdir(parents=True, exist_ok=True)
+    pins = wheelhouse_pins(ROOT / "requirements.txt")
+    pin_file = dest / WHEELHOUSE_REQUIREMENTS
+    pin_file.write_text("\n".join(pins) + "\n")
+    log(f"wheelhouse: {len(pins)} distributions (torch and torchvision excluded) into {dest}")
+    pip("wheel", "--no-deps", "--wheel-dir", str(dest), "-r", str(pin_file))
+    with tempfile.TemporaryDirectory() as tmp:
+        build = _detectron2_build_dir(Path(tmp))
+        pip("wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(dest), str(build))
+    pin_file.write_text("\n".join(pins + ["detectron2==0.6"]) + "\n")
+    size = sum(f.stat().st_size for f in dest.iterdir() if f.is_file())
+    log(f"wheelhouse: {len(list(dest.glob('*.whl')))} wheels, {size / 2**20:.0f} MiB in {dest}")
+
+
+def torch_is_compatible() -> bool:
+    """Whether this environment's torch and torchvision can be kept: both import, torch >= MIN_TORCH and
+    torchvision's compiled ops load (a mismatched pair fails here)."""
+    return probe("import sys, torch, torchvision, torchvision.ops; "
+                 "v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); "
+                 "torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5); "
+                 f"sys.exit(0 if v >= {MIN_TORCH!r} else 1)")
+
+
+def install_from_wheelhouse(wheelhouse: Path) -> None:
+    """Offline install: keep a compatible torch (or take torch and torchvision from the wheelhouse if it has them),
+    then every pinned distribution from the wheelhouse alone, without resolving dependencies again."""
+    pin_file = wheelhouse / WHEELHOUSE_REQUIREMENTS
+    if not pin_file.is_file():
+        raise SystemExit(f"[install] {pin_file} is missing: build the wheelhouse with --build-wheelhouse DIR")
+    offline = ["--no-index", "--find-links", str(wheelhouse)]
+    if torch_is_compatible():
+        log("torch and torchvision: this machine's own are compatible; kept")
+    elif any(wheelhouse.glob("torch-*.whl")) and any(wheelhouse.glob("torchvision-*.whl")):
+        log("torch and torchvision: not compatible here; installing the wheelhouse's")
+        pip("install", *offline, "torch", "torchvision")
+    else:
+        raise SystemExit(f"[install] no compatible torch and torchvision here (need torch >= "
+                         f"{'.'.join(map(str, MIN_TORCH))} with its matching torchvision), and none in {wheelhouse}")
+    log(f"dependencies from {wheelhouse} (no index)")
+    pip("install", *offline, "--no-deps", "-r", str(pin_file))
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-source-build", action="store_true",
                         help="never try the official repository (skip straight to the sdist)")
     parser.add_argument("--git-timeout", type=float, default=10.0,
                         help="seconds to wait for GitHub before giving up on path 2")
-    args = parser.parse_args()
-    install_requirements()
-    install_detectron2(not args.no_source_build, args.git_timeout)
+    offline = parser.add_mutually_exclusive_group()
+    offline.add_argument("--build-wheelhouse", metavar="DIR", type=Path,
+                         help="write the wheels of an offline install to DIR (after installing here) and exit")
+    offline.add_argument("--wheelhouse", metavar="DIR", type=Path,
+                         help="install offline from DIR (made by --build-wheelhouse), keeping a compatible torch")
+    args = parser.parse_args(argv)
+    if args.build_wheelhouse:
+        build_wheelhouse(args.build_wheelhouse)
+        return
+    if args.wheelhouse:
+        install_from_wheelhouse(args.wheelhouse)
+    else:
+        install_requirements()
+        install_detectron2(not args.no_source_build, args.git_timeout)
     install_project()
     if not probe("import diffusioninst, detectron2"):
         raise SystemExit("[install] 'import diffusioninst, detectron2' fails after installing; see above")
