@@ -1,7 +1,9 @@
 """DDIM sampling of boxes (and, with filter denoising, filters) with box renewal and the multi-step ensemble."""
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -17,12 +19,37 @@ from .diffusion import (
     signal_from_filters,
 )
 
-__all__ = ["DDIMSampler", "StepOutput"]
+__all__ = ["DDIMSampler", "SamplerStep", "StepObserver", "StepOutput"]
 
 StepOutput = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """Last-stage outputs of one step: class logits (B, N, K), boxes (B, N, 4) abs xyxy, filters (B, N, P)."""
 
 DecodeFn = Callable[[torch.Tensor, Optional[torch.Tensor], torch.Tensor], StepOutput]
+
+
+@dataclass
+class SamplerStep:
+    """What one DDIM step of :meth:`DDIMSampler.sample` saw and did, for each image of the batch (B images).
+
+    ``boxes_in`` (B, N, 4): the boxes going into the decoder (x_t, abs xyxy); ``logits`` (B, N, K) and ``boxes``
+    (B, N, 4): its last stage's predictions; ``keep`` (B, N): the proposals whose DDIM update is kept (False: box
+    renewal replaces them with fresh noise); ``order`` (B, N): row i of the next step's signal comes from this step's
+    proposal ``order[b, i]`` (kept first; the renewed rows hold new noise). ``keep`` and ``order`` are None on the
+    last step (``t_next`` -1), which renews nothing.
+    """
+
+    step: int
+    t: int
+    t_next: int
+    images_whwh: torch.Tensor
+    boxes_in: torch.Tensor
+    logits: torch.Tensor
+    boxes: torch.Tensor
+    keep: Optional[torch.Tensor]
+    order: Optional[torch.Tensor]
+
+
+StepObserver = Callable[[SamplerStep], None]
 
 
 class DDIMSampler(nn.Module):
@@ -63,6 +90,7 @@ class DDIMSampler(nn.Module):
         self.ensemble = use_ensemble and sample_steps > 1
         self.ensemble_last_step = ensemble_last_step
         self.filter_range = filter_range
+        self._observer: Optional[StepObserver] = None
 
     @classmethod
     def from_config(cls, cfg) -> dict:
@@ -93,6 +121,17 @@ class DDIMSampler(nn.Module):
         """x_T ~ N(0, I) of ``shape`` (B, N, D): D = 4 for the box signal, P for the filter signal."""
         return self._randn(shape, generators, torch.empty(0, device=device))
 
+    @contextmanager
+    def observe(self, observer: StepObserver) -> Iterator[None]:
+        """Within the block, every step of :meth:`sample` (hence of ``model.inference``) is passed to ``observer`` as a
+        :class:`SamplerStep`, after its decoder call; the sampling itself is unchanged. ``model.inference`` samples images
+        of different padded sizes in separate loops, each observed on its own."""
+        previous, self._observer = self._observer, observer
+        try:
+            yield
+        finally:
+            self._observer = previous
+
     @torch.no_grad()
     def sample(
         self,
@@ -122,6 +161,7 @@ class DDIMSampler(nn.Module):
             if self._contributes(last):
                 outputs.append((logits, boxes, filters))
             if last:
+                self._notify(step, t, t_next, images_whwh, boxes_in, logits, boxes, None, None)
                 break
             x_start = signal_from_boxes(boxes / whwh, self.scale)
             if self.filter_range is not None:
@@ -130,8 +170,21 @@ class DDIMSampler(nn.Module):
                 x, time, x_start, self.sqrt_recip_alphas_cumprod, self.sqrt_recipm1_alphas_cumprod
             )
             noise = None if step_noise is None else step_noise[step]
-            x = self._next_signal(x, x_start, pred_noise, logits, t, t_next, generators, noise)
+            keep = self._keep(logits)
+            x, order = self._next_signal(x, x_start, pred_noise, keep, t, t_next, generators, noise)
+            self._notify(step, t, t_next, images_whwh, boxes_in, logits, boxes, keep, order)
         return outputs
+
+    def _notify(self, step: int, t: int, t_next: int, images_whwh, boxes_in, logits, boxes, keep, order) -> None:
+        """Pass one step to the observer of :meth:`observe`, if any."""
+        if self._observer is not None:
+            self._observer(SamplerStep(step, t, t_next, images_whwh, boxes_in, logits, boxes, keep, order))
+
+    def _keep(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, N) bool: the proposals box renewal keeps (best class score above the threshold; all without renewal)."""
+        if self.box_renewal:
+            return logits.sigmoid().amax(-1) > self.renewal_threshold
+        return torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
 
     def _contributes(self, last: bool) -> bool:
         """Whether a step's predictions go into the result: the last one, or every one when ensembling."""
@@ -139,19 +192,16 @@ class DDIMSampler(nn.Module):
             return last
         return self.ensemble_last_step or not last
 
-    def _next_signal(self, x, x_start, pred_noise, logits, t: int, t_next: int, generators,
-                     noise_pair: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """DDIM update of the kept proposals' signals (B, N, D), then (with box renewal) fresh noise for the others.
+    def _next_signal(self, x, x_start, pred_noise, keep: torch.Tensor, t: int, t_next: int, generators,
+                     noise_pair: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """DDIM update of the kept proposals' signals (B, N, D), then fresh noise for the others (``keep`` False).
 
-        As in the original, the DDIM noise has the dtype of the current signal x and the refill is float32; with
-        ``noise_pair`` (2, B, N, D) both come from it (static shapes: what the ONNX export traces).
+        Returns the next signal and its row order (B, N) (kept proposals first, see :class:`SamplerStep`). As in the
+        original, the DDIM noise has the dtype of the current signal x and the refill is float32; with ``noise_pair``
+        (2, B, N, D) both come from it (static shapes: what the ONNX export traces).
         """
         batch, num_proposals, dim = x_start.shape
         alpha, alpha_next = self.alphas_cumprod[t], self.alphas_cumprod[t_next]
-        if self.box_renewal:
-            keep = logits.sigmoid().amax(-1) > self.renewal_threshold
-        else:
-            keep = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
         # Kept proposals first, in their original order (distinct keys: the same order as a stable sort); the rest
         # is refilled.
         index = torch.arange(num_proposals, device=keep.device)
@@ -173,4 +223,4 @@ class DDIMSampler(nn.Module):
                 refill[b, k:] = torch.randn((num_proposals - k, dim), generator=g, device=g.device).to(x.device)
         x_next = ddim_step(x_start, pred_noise, alpha, alpha_next, self.eta, noise)
         is_kept = torch.arange(num_proposals, device=x_next.device)[None, :] < num_keep[:, None]
-        return torch.where(is_kept[..., None], x_next, refill.to(x_next.dtype))
+        return torch.where(is_kept[..., None], x_next, refill.to(x_next.dtype)), order
