@@ -1,16 +1,16 @@
 """What a COCO instances file must hold before detectron2's ``load_coco_json`` reads it (that loader stops with a
 bare KeyError or AssertionError on a malformed entry, and silently drops annotations of unlisted images and invalid
 polygons): its JSON, entries, ids and references are checked here, its annotations by ``validation.py``; then
-``load_coco_json`` reads the file (a repaired copy when entries were dropped) and the records' image files are
-checked. Policy: ``validation.py``'s docstring.
+``load_coco_json`` makes the records from the same parsed JSON (repaired when entries were dropped; the file is read
+once) and the records' image files are checked. Policy: ``validation.py``'s docstring.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from detectron2.data.datasets import load_coco_json
@@ -18,11 +18,11 @@ from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
 from .validation import (
-    SKIP_HINT, DatasetFileNotFoundError, DatasetValidationError, Problems, ValidationOptions, check_annotation,
-    drop_bad_images, is_number,
+    SKIP_HINT, DatasetFileNotFoundError, DatasetValidationError, Problems, ValidationOptions, annotations_to_check,
+    check_annotation, drop_bad_images, is_number, sizes_as_floats,
 )
 
-__all__ = ["check_categories", "load_coco_checked", "read_json"]
+__all__ = ["check_categories", "load_coco_checked", "parsed_json", "read_json"]
 
 
 def read_json(json_file: str, where: str) -> dict:
@@ -82,6 +82,8 @@ def _check_entries(data: dict, kind: str, where: str, required: bool = True, why
         raise DatasetValidationError(f"{where}: {kind!r} must be a list, found a {type(data[kind]).__name__}")
     if not data[kind] and kind != "annotations":
         raise DatasetValidationError(f"{where}: {kind!r} is empty; the dataset has no {kind}")
+    if kind == "annotations" and _plain_annotations(data[kind], unique):
+        return data[kind]
     by_id: dict = {}
     for i, entry in enumerate(data[kind]):
         if not isinstance(entry, dict):
@@ -100,6 +102,21 @@ def _check_entries(data: dict, kind: str, where: str, required: bool = True, why
     if kind == "images" and len({type(i) is str for i in by_id}) > 1:
         raise DatasetValidationError(f"{where}: image ids mix integers and strings")
     return data[kind]
+
+
+def _plain_annotations(annotations: list, unique: bool) -> bool:
+    """True when every annotation entry is an object with 'id', 'image_id' and 'category_id' (ids unique if
+    ``unique``): what :func:`_check_entries` asks, in a few passes; else it looks entry by entry and names the bad one."""
+    if any(type(a) is not dict for a in annotations):
+        return False
+    for key in ("image_id", "category_id"):
+        if any(a.get(key) is None for a in annotations):
+            return False
+    ids = [a.get("id") for a in annotations]
+    try:
+        return not any(i is None for i in ids) and (not unique or len(set(ids)) == len(ids))
+    except TypeError:  # an unhashable id
+        return False
 
 
 def check_categories(categories: list, where: str) -> dict:
@@ -134,6 +151,8 @@ def _check_references(annotations: list, images: dict, categories: dict, where: 
         problems.warn("annotations of unknown categories", f"annotation id {ann['id']!r} of "
                       f"{images[ann['image_id']]['file_name']} has category_id {ann['category_id']!r}, not in "
                       "'categories'; annotation dropped")
+    if not orphans and not unknown:
+        return annotations
     dropped = {id(a) for a in orphans + unknown}
     return [a for a in annotations if id(a) not in dropped]
 
@@ -141,7 +160,9 @@ def _check_references(annotations: list, images: dict, categories: dict, where: 
 def load_coco_checked(json_file: str, image_root: str, dataset_name: str,
                       options: ValidationOptions = ValidationOptions()) -> list[dict]:
     """Check a COCO instances file, read it with detectron2's ``load_coco_json``, then check its records' image files:
-    for valid data the same records and metadata; bad entries raise or are dropped as ``validation.py`` says."""
+    for valid data the same records and metadata; bad entries raise or are dropped as ``validation.py`` says.
+
+    The file is parsed once: ``load_coco_json`` gets the checked (or repaired) JSON through :func:`parsed_json`."""
     where = f"dataset {dataset_name!r} ({json_file})"
     data = read_json(json_file, where)
     images = {img["id"]: img for img in _check_entries(data, "images", where)}
@@ -149,19 +170,71 @@ def load_coco_checked(json_file: str, image_root: str, dataset_name: str,
                                  "annotations)", unique="minival" not in json_file)  # detectron2 exempts 2014 minival
     categories = {c["id"]: c for c in _check_entries(data, "categories", where)}
     problems = Problems(where)
-    usable = []
-    for ann in _check_references(annotations, images, categories, where, options, problems):
-        img = images[ann["image_id"]]
-        obj = check_annotation(ann, BoxMode.XYWH_ABS, img["height"], img["width"],
-                               f"annotation id {ann['id']!r} of {img['file_name']}", problems)
-        usable += [obj] if obj is not None else []
-    if len(usable) == len(annotations) and all(a is b for a, b in zip(usable, annotations)):
+    usable = _check_references(annotations, images, categories, where, options, problems)
+    owners = [images[a["image_id"]] for a in usable]
+    heights = sizes_as_floats([img["height"] for img in images.values()])
+    widths = sizes_as_floats([img["width"] for img in images.values()])
+    position = {image_id: k for k, image_id in enumerate(images)}
+    where_of = np.array([position[a["image_id"]] for a in usable], np.int64)
+    flagged = annotations_to_check(usable, heights[where_of], widths[where_of])
+    if flagged:
+        usable = list(usable)
+        for k in flagged:
+            img = owners[k]
+            usable[k] = check_annotation(usable[k], BoxMode.XYWH_ABS, img["height"], img["width"],
+                                         f"annotation id {usable[k]['id']!r} of {img['file_name']}", problems)
+        usable = [obj for obj in usable if obj is not None]
+    del owners, where_of
+    if len(usable) != len(annotations) or any(a is not b for a, b in zip(usable, annotations)):
+        data = {**data, "annotations": usable}  # the repaired file that load_coco_json reads
+    total = len(annotations)
+    del annotations, usable, images, categories
+    with parsed_json(json_file, data):
         records = load_coco_json(json_file, image_root, dataset_name)
-    else:
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:  # load_coco_json reads a file
-            json.dump({**data, "annotations": usable}, f)
-        try:
-            records = load_coco_json(f.name, image_root, dataset_name)
-        finally:
-            os.remove(f.name)
-    return drop_bad_images(records, len(annotations), where, options, problems, image_root)
+    del data
+    return drop_bad_images(records, total, where, options, problems, image_root)
+
+
+@contextlib.contextmanager
+def parsed_json(json_file: str, dataset: dict) -> Iterator[None]:
+    """While open, a pycocotools ``COCO`` (what detectron2's ``load_coco_json`` builds from the file's path) or an
+    ``lvis.LVIS`` (``load_lvis_json``) made for ``json_file`` takes the already parsed ``dataset`` instead of reading the
+    file again: one parse and one copy of the JSON. Other files are read as usual."""
+    import pycocotools.coco
+
+    target = os.path.realpath(PathManager.get_local_path(json_file))
+
+    def ours(path: Any) -> bool:
+        return isinstance(path, str) and os.path.realpath(path) == target
+
+    coco_class = pycocotools.coco.COCO
+
+    class ParsedCOCO(coco_class):
+        def __init__(self, annotation_file: Any = None):
+            if not ours(annotation_file):
+                super().__init__(annotation_file)
+                return
+            super().__init__()
+            self.dataset = dataset
+            self.createIndex()
+
+    patched = [(pycocotools.coco, "COCO", coco_class, ParsedCOCO)]
+    try:
+        import lvis
+
+        lvis_class = lvis.LVIS
+
+        class ParsedLVIS(lvis_class):
+            def _load_json(self, path: Any) -> dict:
+                return dataset if ours(path) else super()._load_json(path)
+
+        patched += [(lvis, "LVIS", lvis_class, ParsedLVIS)]
+    except ImportError:  # the lvis package is needed for LVIS-format files only
+        pass
+    for module, name, _, replacement in patched:
+        setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        for module, name, original, _ in patched:
+            setattr(module, name, original)

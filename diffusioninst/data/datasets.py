@@ -7,7 +7,9 @@ module adds what DiffusionInst's configs and tools need beyond that.
 """
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import Any, Callable
 
@@ -16,7 +18,7 @@ from detectron2.data.datasets import load_coco_json, load_lvis_json, register_co
 
 from ..config import ConfigError
 from .shapes import SHAPES_CATEGORIES, generate_shapes_dataset, shapes_dataset_paths, shapes_lvis_paths, write_shapes_lvis
-from .coco_json import check_categories, load_coco_checked, read_json
+from .coco_json import check_categories, load_coco_checked, parsed_json, read_json
 from .validation import (
     NUM_CLASSES_KEY, DatasetFileNotFoundError, DatasetValidationError, ValidationOptions, validate_records,
 )
@@ -40,6 +42,7 @@ SHAPES_LVIS_SPLITS: dict[str, str] = {"shapes_lvis_train": "train", "shapes_lvis
 _SHAPES_COLORS = [(220, 20, 60), (0, 130, 200), (60, 180, 75), (245, 130, 48)]
 PREPARE = "_diffusioninst_prepare"  # set on a loader (the shapes dataset's): called before its JSON file is read
 _CFG_KEY = "DATASETS.COCO_INSTANCES"
+logger = logging.getLogger(__name__)
 _LVIS_CFG_KEY = "DATASETS.LVIS_INSTANCES"
 
 
@@ -140,8 +143,8 @@ def load_lvis_format(json_file: str, image_root: str, dataset_name: str) -> list
     meta.thing_classes = [c["name"] for c in categories]
     if all(isinstance(c.get("image_count"), int) for c in categories):
         meta.class_image_count = [{"id": c["id"], "image_count": c["image_count"]} for c in categories]
-    del data
-    return load_lvis_json(json_file, os.path.join(image_root, ""))
+    with parsed_json(json_file, data):  # load_lvis_json reads the file again otherwise
+        return load_lvis_json(json_file, os.path.join(image_root, ""))
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -278,6 +281,11 @@ def check_num_classes(dataset_name: str, options: ValidationOptions) -> None:
 def load_validated(name: str, loader: Callable[[], Any], options: ValidationOptions) -> list[dict]:
     """Load dataset ``name`` (whose registered loader is ``loader``) with the checks of ``options``."""
     meta = MetadataCatalog.get(name)
+    source = meta.get("json_file") or "its registered loader"
+    checked = "annotations and image files (headers)" if options.check_image_files else (
+        "annotations (image files not checked: DATASETS.CHECK_IMAGE_FILES False)")
+    logger.info("dataset %r: loading %s and checking its %s", name, source, checked)
+    start = time.perf_counter()
     if getattr(loader, PREPARE, None) is not None:
         getattr(loader, PREPARE)()
     if meta.get("evaluator_type") == "coco" and meta.get("json_file") and meta.get("image_root"):
@@ -298,6 +306,8 @@ def load_validated(name: str, loader: Callable[[], Any], options: ValidationOpti
             for k in {a["category_id"] for a in record.get("annotations", ()) if not a.get("iscrowd", 0)}:
                 counts[k] += 1
         meta.class_image_count = [{"id": k + 1, "image_count": n} for k, n in enumerate(counts)]
+    logger.info("dataset %r: %d images, %d annotations, loaded and checked in %.1f s", name, len(records),
+                sum(len(r.get("annotations", ())) for r in records), time.perf_counter() - start)
     return records
 
 
