@@ -1,4 +1,5 @@
-# One-command entry points. `make demo`: install, make the shapes data, train on CPU, evaluate, plot, draw predictions.
+# One-command entry points. `make demo`: install, make the shapes data, train on CPU, evaluate, plot, draw predictions
+# and the denoising of one validation image.
 # `make test`: install, then the test suite. Use another interpreter with `make test VENV= PY=python`.
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,6 +11,9 @@ SEED ?= 0
 # the embedded default scores 37-42% of the objects above 0.5; `make demo DEMO_THRESHOLD=0.3` draws more of
 # them, with more wrong classes (README).
 DEMO_THRESHOLD ?= 0.5
+# The validation image whose denoising `make demo` draws (000001.png has no objects), and its sampling steps.
+DENOISING_IMAGE ?= datasets/shapes/val/000002.png
+DENOISING_STEPS ?= 4
 
 .PHONY: install install-offline data demo test gpu-check
 
@@ -25,6 +29,9 @@ demo: data
 	$(PY) tools/plot_metrics.py $(SHAPES_OUT) --threshold $(DEMO_THRESHOLD)
 	$(PY) tools/demo.py --config-file $(SHAPES_CFG) --input datasets/shapes/val --output $(SHAPES_OUT)/demo \
 		--confidence-threshold $(DEMO_THRESHOLD) --opts MODEL.WEIGHTS $(SHAPES_OUT)/model_final.pth
+	$(PY) tools/visualize_denoising.py --config-file $(SHAPES_CFG) --input $(DENOISING_IMAGE) \
+		--steps $(DENOISING_STEPS) --output $(SHAPES_OUT)/denoising --confidence-threshold $(DEMO_THRESHOLD) \
+		--opts MODEL.WEIGHTS $(SHAPES_OUT)/model_final.pth
 
 test: install
 	$(PY) -m pytest -q tests
