@@ -53,8 +53,8 @@ def is_host_sync(name: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bo
     if name in _SYNC_OPS:
         return True
     if name == "aten::repeat_interleave":
-        return isinstance(args[0], torch.Tensor) and len(args) >= 1 and (
-            len(args) == 1 or isinstance(args[1], torch.Tensor)) and kwargs.get("output_size") is None
+        repeats = args[0] if len(args) == 1 else args[1]  # .Tensor(repeats) or .self_Tensor / .self_int(self, repeats)
+        return isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None
     if name in ("aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"):
         return len(args) > 1 and _has_bool_index(args[1])
     if name in ("aten::_to_copy", "aten::copy_"):

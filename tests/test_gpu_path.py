@@ -107,6 +107,29 @@ def test_postprocess_auto_is_sparse_only_on_the_cpu_kernels():
     assert build_model(tiny_cfg("MODEL.DiffusionInst.POSTPROCESS", "batched")).batched_postprocess
 
 
+def test_the_counter_counts_kernels_and_classifies_syncs():
+    x = torch.arange(12.0).view(3, 4)
+
+    def call():
+        y = x.t()[1:]  # views: no kernel
+        z = (y * 2 + 1).relu()  # 3 kernels
+        mask = z > 5  # 1
+        z[mask].sum()  # bool-mask index (sync) + sum
+        torch.nonzero(mask)  # sync
+        int(z.sum())  # sum + _local_scalar_dense (sync)
+        z.tolist()  # a host read, no aten op
+        torch.arange(3).repeat_interleave(2)  # arange + repeat_interleave with int repeats: no sync
+        torch.arange(3).repeat_interleave(torch.tensor([1, 2, 0]))  # with a tensor: sync
+        torch.empty(5)  # an allocation: no kernel
+
+    counts, _ = count_ops(call)
+    assert "aten::t" not in counts.kernels and "aten::slice" not in counts.kernels
+    assert "aten::empty" not in counts.kernels
+    assert counts.kernels["aten::mul"] == 1 and counts.kernels["aten::sum"] == 2
+    assert counts.syncs == {"aten::index": 1, "aten::nonzero": 1, "aten::_local_scalar_dense": 1,
+                            "host::tolist": 1, "aten::repeat_interleave": 1}
+
+
 @pytest.mark.parametrize("cpu_kernels", [False, True])
 def test_level_select_pooler_equals_detectron2s(cpu_kernels):
     g = torch.Generator().manual_seed(0)

@@ -21,7 +21,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from diffusioninst import DiffusionInstDatasetMapper, build_optimizer, get_diffusioninst_cfg  # noqa: E402
 from diffusioninst.checkpoint import DiffusionInstCheckpointer, load_weights  # noqa: E402
-from diffusioninst.data import register_datasets_from_cfg  # noqa: E402
+from diffusioninst.data import get_detection_dataset_shared, register_datasets_from_cfg  # noqa: E402
 from diffusioninst.ema import unwrap_model  # noqa: E402
 from diffusioninst.engine import DiffusionInstTrainer, EvalHook, check_resume  # noqa: E402
 from diffusioninst.errors import (  # noqa: E402
@@ -38,11 +38,15 @@ class Trainer(DiffusionInstTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=DiffusionInstDatasetMapper(cfg, is_train=True))
+        """detectron2's loader over the training set, loaded and serialized once per machine."""
+        dataset = get_detection_dataset_shared(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        return build_detection_train_loader(cfg, mapper=DiffusionInstDatasetMapper(cfg, is_train=True), dataset=dataset)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=DiffusionInstDatasetMapper(cfg, is_train=False))
+        return build_detection_test_loader(dataset=get_detection_dataset_shared([dataset_name], filter_empty=False),
+                                           mapper=DiffusionInstDatasetMapper(cfg, is_train=False),
+                                           num_workers=cfg.DATALOADER.NUM_WORKERS)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

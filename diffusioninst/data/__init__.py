@@ -26,6 +26,7 @@ from .shapes import (
     write_shapes_lvis,
 )
 from .coco_json import load_coco_checked
+from .shared_dataset import SerializedRecords, get_detection_dataset_shared, load_once_per_machine
 from .validation import DatasetValidationError, validate_records
 
 __all__ = [
@@ -34,14 +35,17 @@ __all__ = [
     "SHAPES_LVIS_SPLITS",
     "SHAPES_SPLITS",
     "DatasetValidationError",
+    "SerializedRecords",
     "DiffusionInstDatasetMapper",
     "ImageReadError",
     "build_diffusioninst_augmentation",
     "class_image_count",
     "generate_shapes_dataset",
+    "get_detection_dataset_shared",
     "install_validating_loaders",
     "load_lvis_format",
     "load_coco_checked",
+    "load_once_per_machine",
     "read_image",
     "register_datasets_from_cfg",
     "register_lvis_format",
