@@ -2,6 +2,8 @@
 of the original release's (``benchmarks.original_release``), interleaved on the same weights and inputs."""
 from __future__ import annotations
 
+import argparse
+
 import contextlib
 import os
 import platform
@@ -56,9 +58,14 @@ def build_benchmark_model(cfg: CfgNode, seed: int = 0) -> nn.Module:
 
 
 def parse_size(text: str) -> Tuple[int, int]:
-    """'HxW' -> (H, W)."""
-    h, w = text.lower().split("x")
-    return int(h), int(w)
+    """'HxW' -> (H, W), both positive integers; anything else is an argparse error naming the value."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        h = w = 0
+    if h <= 0 or w <= 0:
+        raise argparse.ArgumentTypeError(f"expected HxW with positive integers (e.g. 800x1216), got {text!r}")
+    return h, w
 
 
 def environment(cfg: CfgNode) -> Dict[str, Any]:

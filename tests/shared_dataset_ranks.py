@@ -3,7 +3,8 @@
 
   python tests/shared_dataset_ranks.py OUT DATASET [--num-processes 2] [--hold SECONDS]
 
-``$DETECTRON2_DATASETS`` must hold the dataset. With ``--hold`` every rank then sleeps (for a test to kill one).
+``$DETECTRON2_DATASETS`` must hold the dataset. With ``--hold`` every rank then sleeps (for a test to kill one). A rank
+whose loading raises writes the error instead.
 """
 from __future__ import annotations
 
@@ -32,7 +33,12 @@ def rank_main(out: str, dataset: str, hold: float) -> None:
     loads = []
     get = DatasetCatalog.get
     DatasetCatalog.get = lambda name: (loads.append(name), get(name))[1]  # counts the loads of this process
-    records = get_detection_dataset_shared(cfg.DATASETS.TRAIN, filter_empty=True)
+    try:
+        records = get_detection_dataset_shared(cfg.DATASETS.TRAIN, filter_empty=True)
+    except Exception as exc:  # noqa: BLE001  (the test reads what each rank raised)
+        with open(os.path.join(out, f"rank{comm.get_rank()}.json"), "w") as f:
+            json.dump({"rank": comm.get_rank(), "loads": loads, "error": f"{type(exc).__name__}: {exc}"}, f)
+        return
     info = {"rank": comm.get_rank(), "pid": os.getpid(), "loads": loads, "type": type(records).__name__,
             "records": len(records), "digest": record_digest(list(records)),
             "thing_classes": MetadataCatalog.get(dataset).get("thing_classes"),

@@ -190,6 +190,14 @@ def test_command_line_mistakes_are_one_line(tmp_path):
                     "DATASETS.COCO_INSTANCES[0]: json file of dataset 'mine' not found: missing.json")
     _one_line_error(_cli("generate_shapes.py", "--root", taken), f"--root: {taken} is a file, not a directory")
     assert taken.read_text() == "x"
+    _one_line_error(_cli("export_model.py", "--config-file", SHAPES, "--output", tmp_path / "onnx", "--sample-image",
+                         text, "--allow-random-weights", *opts, "MODEL.WEIGHTS", ""),
+                    f"export_model.py: error: --sample-image {text} is not a readable image", "UnidentifiedImageError")
+    for size in ("0x0", "12", "axb"):  # argparse's usage error (exit status 2)
+        proc = _cli("benchmark.py", "--config-file", SHAPES, "--image-size", size)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines()[-1] == ("benchmark.py: error: argument --image-size: expected HxW with "
+                                                        f"positive integers (e.g. 800x1216), got {size!r}")
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,6 +85,22 @@ def test_two_ranks_see_the_same_records_from_one_copy(tmp_path, shapes_root):
     assert other["thing_classes"] == leader["thing_classes"] == ["circle", "square", "triangle", "star"]
     assert other["class_image_count"] == leader["class_image_count"] and leader["class_image_count"]
     assert _mappers_of(leader["inode"]) == []  # released when the run ended
+
+
+@pytest.mark.slow
+def test_an_error_of_local_rank_0_is_raised_on_every_rank(tmp_path, shapes_root):
+    broken = tmp_path / "datasets"
+    shutil.copytree(shapes_root, broken)
+    json_file = broken / "shapes" / "annotations" / "instances_train.json"
+    json_file.write_text(json_file.read_text()[:1000])  # a truncated copy
+    proc = _launch(tmp_path, str(broken))
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log[-3000:]
+    leader, other = _rank_info(tmp_path, 0), _rank_info(tmp_path, 1)
+    assert leader["loads"] == ["shapes_train"] and other["loads"] == []
+    assert leader["error"] == other["error"]
+    assert leader["error"].startswith("DatasetValidationError: ") and "not valid JSON" in leader["error"]
+    assert str(json_file) in leader["error"]
 
 
 def _mappers_of(inode: int) -> list:

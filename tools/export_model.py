@@ -34,13 +34,19 @@ from diffusioninst.errors import UserError, run_tool  # noqa: E402
 def sample_image(cfg, path: Optional[str]) -> torch.Tensor:
     """(1, 3, H, W) float32: the image at ``path`` (default: the first image of DATASETS.TEST), resized by the test
     rule."""
+    given = path is not None
     if path is None:
         try:
             path = DatasetCatalog.get(cfg.DATASETS.TEST[0])[0]["file_name"]
         except (IndexError, KeyError, OSError, UserError) as exc:
             raise UserError(f"no --sample-image given and DATASETS.TEST has no image to use ({exc}); pass "
                             "--sample-image IMG") from exc
-    image = read_image(path, format=cfg.INPUT.FORMAT)
+    try:
+        image = read_image(path, format=cfg.INPUT.FORMAT)
+    except Exception as exc:  # noqa: BLE001  (PIL raises many types for files that are not images)
+        what = "--sample-image" if given else "the first image of DATASETS.TEST"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{what} {path} is not a readable image ({type(exc).__name__}: {reason})") from exc
     resized = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST).get_transform(
         image).apply_image(image)
     return torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)), dtype=torch.float32)[None]
@@ -74,13 +80,13 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MB; {meta['sample_steps']} sampling step(s), "
           f"{meta['num_proposals']} proposals)")
     report = check_onnx(path, model, image)
+    ties = f", {report['unpaired_ties']} unpaired but tied in score" if report["unpaired_ties"] else ""
+    missing = f", {report['unpaired_not_tied']} UNPAIRED" if report["unpaired_not_tied"] else ""
     print(f"check on a {image.shape[-1]}x{image.shape[-2]} image, onnxruntime vs PyTorch (same noise): "
-          f"{report['detections']} vs {report['detections_pytorch']} detections", end="")
-    if report["same_detections"]:
-        print(f", classes {'equal' if report['same_classes'] else 'DIFFER'}, max box difference "
-              f"{report['max_box_diff_px']:.2e} px (<= 0.01), max score difference {report['max_score_diff']:.2e} "
-              f"(<= 1e-4), min mask IoU {report['min_mask_iou']:.4f} (>= 0.99)", end="")
-    print(f": {'passed' if report['passed'] else 'FAILED'}")
+          f"{report['detections']} vs {report['detections_pytorch']} detections, {report['paired']} paired by class "
+          f"and box{ties}{missing}; max box difference {report['max_box_diff_px']:.2e} px (<= 0.01), max score "
+          f"difference {report['max_score_diff']:.2e} (<= 1e-4), min mask IoU {report['min_mask_iou']:.4f} (>= 0.99): "
+          f"{'passed' if report['passed'] else 'FAILED'}")
     return 0 if report["passed"] else 1
 
 
