@@ -53,6 +53,14 @@ def test_the_file_is_sealed_anonymous_and_mapped_by_another_handle():
         SerializedRecords.attach(os.getpid(), shared._fd, b"0" * 16)
 
 
+def test_data_loader_workers_read_the_mapping():
+    import torch.utils.data
+
+    shared = SerializedRecords.from_records(_records())
+    loader = torch.utils.data.DataLoader(shared, batch_size=None, num_workers=2, collate_fn=lambda x: x)
+    assert sorted((r for r in loader), key=lambda r: r["image_id"]) == RECORDS
+
+
 def test_one_process_gets_detectron2s_list(shapes_root):
     register_shapes_at(shapes_root)
     records = get_detection_dataset_shared(["shapes_train"], filter_empty=True)
