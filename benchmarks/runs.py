@@ -3,7 +3,6 @@ of the original release's (``benchmarks.original_release``), interleaved on the 
 from __future__ import annotations
 
 import argparse
-
 import contextlib
 import os
 import platform

@@ -53,6 +53,29 @@ def test_the_file_is_sealed_anonymous_and_mapped_by_another_handle():
         SerializedRecords.attach(os.getpid(), shared._fd, b"0" * 16)
 
 
+def _open_dataset_files() -> int:
+    """This process's file descriptors on a shared dataset file (ours and the mappings' own)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += MEMFD_NAME in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own descriptor, closed meanwhile
+            pass
+    return count
+
+
+def test_a_dropped_dataset_releases_its_file():
+    import gc
+
+    before = _open_dataset_files()
+    shared = SerializedRecords.from_records(_records())
+    other = SerializedRecords.attach(os.getpid(), shared._fd, shared.token)
+    assert _open_dataset_files() > before
+    del shared, other
+    gc.collect()
+    assert _open_dataset_files() == before  # nothing keeps the memory alive
+
+
 def test_data_loader_workers_read_the_mapping():
     import torch.utils.data
 

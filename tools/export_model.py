@@ -62,6 +62,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs")
     args = parser.parse_args(argv)
     from diffusioninst.export import check_onnx, export_onnx
+    from diffusioninst.export.onnx import BOX_TOL, MASK_IOU_MIN, SCORE_TOL
 
     cfg = get_diffusioninst_cfg(args.config_file, args.opts)
     cfg.MODEL.DEVICE = "cpu"
@@ -84,9 +85,9 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     missing = f", {report['unpaired_not_tied']} UNPAIRED" if report["unpaired_not_tied"] else ""
     print(f"check on a {image.shape[-1]}x{image.shape[-2]} image, onnxruntime vs PyTorch (same noise): "
           f"{report['detections']} vs {report['detections_pytorch']} detections, {report['paired']} paired by class "
-          f"and box{ties}{missing}; max box difference {report['max_box_diff_px']:.2e} px (<= 0.01), max score "
-          f"difference {report['max_score_diff']:.2e} (<= 1e-4), min mask IoU {report['min_mask_iou']:.4f} (>= 0.99): "
-          f"{'passed' if report['passed'] else 'FAILED'}")
+          f"and box{ties}{missing}; max box difference {report['max_box_diff_px']:.2e} px (<= {BOX_TOL:g}), max "
+          f"score difference {report['max_score_diff']:.2e} (<= {SCORE_TOL:g}), min mask IoU "
+          f"{report['min_mask_iou']:.4f} (>= {MASK_IOU_MIN:g}): {'passed' if report['passed'] else 'FAILED'}")
     return 0 if report["passed"] else 1
 
 

@@ -23,6 +23,7 @@ import pickle
 import socket
 import struct
 import uuid
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable
 
@@ -50,6 +51,8 @@ class SerializedRecords(torch.utils.data.Dataset):
     """
 
     def __init__(self, fd: int):
+        """Map ``fd`` (taken over: closed when this object is collected, as the mapping is, so a dataset that is
+        dropped, such as a test set reloaded at every evaluation, does not keep its memory)."""
         self._fd = fd
         size = os.fstat(fd).st_size
         self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
@@ -59,6 +62,7 @@ class SerializedRecords(torch.utils.data.Dataset):
         self.token = token
         self._ends = np.frombuffer(self._map, np.int64, count=count, offset=table)
         self._view = memoryview(self._map)
+        weakref.finalize(self, os.close, fd)
 
     @classmethod
     def from_records(cls, records: list) -> SerializedRecords:
@@ -82,10 +86,10 @@ class SerializedRecords(torch.utils.data.Dataset):
             _write_all(fd, ends.tobytes())
             os.pwrite(fd, _HEADER.pack(_MAGIC, uuid.uuid4().bytes, len(ends), position), 0)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, sum(getattr(fcntl, s) for s in _SEALS))
-            return cls(fd)
         except BaseException:
             os.close(fd)
             raise
+        return cls(fd)
 
     @classmethod
     def attach(cls, pid: int, fd: int, token: bytes | None = None) -> SerializedRecords:

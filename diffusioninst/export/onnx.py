@@ -98,11 +98,11 @@ def _candidates(steps: Sequence[Any], height: int, width: int) -> Tuple[np.ndarr
     return tuple(torch.cat(x).numpy() for x in (boxes, classes, scores))
 
 
-def _tie(box: np.ndarray, label: int, score: float, candidates: Tuple[np.ndarray, np.ndarray, np.ndarray],
-         own: bool) -> bool:
+def _tie(box: np.ndarray, label: int, score: float, candidates: Any, own: bool) -> bool:
     """Whether a detection left unpaired is explained by a tie: its score equals (within SCORE_TOL) that of another
     of PyTorch's candidates, so the order of equals decided whether the top-k cut and NMS kept it. An onnxruntime
-    detection (``own`` False) must also be one of PyTorch's candidates (same class, box within BOX_TOL)."""
+    detection (``own`` False) must also be one of PyTorch's candidates (same class, box within BOX_TOL).
+    ``candidates``: :func:`_candidates`'s (boxes, classes, scores)."""
     boxes, classes, scores = candidates
     close = np.abs(scores - score) <= SCORE_TOL
     if own:
@@ -136,7 +136,7 @@ def check_onnx(path: str, model: torch.nn.Module, image: torch.Tensor, seed: int
                               step_noise=None if later is None else torch.from_numpy(later))[0]["instances"].to("cpu")
     ref_boxes, ref_scores, ref_classes = ref.pred_boxes.tensor.numpy(), ref.scores.numpy(), ref.pred_classes.numpy()
     pairs, only_onnx, only_pytorch = pair_detections(boxes, classes, ref_boxes, ref_classes)
-    candidates = _candidates(steps, h, w)
+    candidates = _candidates(steps, h, w) if only_onnx or only_pytorch else None
     ties = [_tie(boxes[i], classes[i], float(scores[i]), candidates, own=False) for i in only_onnx] + [
         _tie(ref_boxes[j], ref_classes[j], float(ref_scores[j]), candidates, own=True) for j in only_pytorch]
     a, b = [i for i, _ in pairs], [j for _, j in pairs]
